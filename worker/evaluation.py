@@ -24,7 +24,7 @@ FloatArray: TypeAlias = npt.NDArray[np.float64]
 IntArray: TypeAlias = npt.NDArray[np.int64]
 BoolArray: TypeAlias = npt.NDArray[np.bool_]
 RowIndex: TypeAlias = "npt.NDArray[np.intp] | None"
-JSONValue: TypeAlias = "None | bool | int | float | str | list[JSONValue] | dict[str, JSONValue]"
+JSONValue: TypeAlias = "bool | int | float | str | list[JSONValue] | dict[str, JSONValue] | None"
 
 OVERALL = "overall"
 """Name of the report entry that covers every row."""
@@ -149,16 +149,19 @@ def _as_ranking(scores: npt.ArrayLike, positive: npt.ArrayLike) -> tuple[FloatAr
 
 
 def _log_softmax(logits: FloatArray) -> FloatArray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    shifted -= log_norm
+    row_max: FloatArray = logits.max(axis=1, keepdims=True)
+    shifted = logits - row_max
+    row_sum: FloatArray = np.exp(shifted).sum(axis=1, keepdims=True)
+    shifted -= np.log(row_sum)
     return shifted
 
 
 def _softmax(logits: FloatArray) -> FloatArray:
-    exp = logits - logits.max(axis=1, keepdims=True)
+    row_max: FloatArray = logits.max(axis=1, keepdims=True)
+    exp = logits - row_max
     np.exp(exp, out=exp)
-    exp /= exp.sum(axis=1, keepdims=True)
+    row_sum: FloatArray = exp.sum(axis=1, keepdims=True)
+    exp /= row_sum
     return exp
 
 
@@ -176,7 +179,8 @@ def _kl_from_log(log_p: FloatArray, log_q: FloatArray) -> FloatArray:
     per_class = np.exp(log_p)
     per_class *= log_p - log_q
     # KL is never negative; rounding can leave a -1e-17 for near-identical rows.
-    return np.maximum(per_class.sum(axis=1), 0.0)
+    kl: FloatArray = per_class.sum(axis=1)
+    return np.maximum(kl, 0.0)
 
 
 def kl_divergence(teacher_logits: npt.ArrayLike, student_logits: npt.ArrayLike) -> FloatArray:
@@ -309,11 +313,12 @@ def _group_rows(groups: Sequence[str] | None, n: int) -> list[tuple[str, RowInde
     unique, inverse = np.unique(names, return_inverse=True)
     if np.any(unique == OVERALL):
         raise ValueError(f"{OVERALL!r} is reserved for the all-rows entry; rename that group")
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.cumsum(np.bincount(inverse, minlength=unique.size))[:-1]
-    rows: list[tuple[str, RowIndex]] = [
-        (str(name), index) for name, index in zip(unique, np.split(order, bounds), strict=True)
-    ]
+    rows: list[tuple[str, RowIndex]] = []
+    if unique.size:  # np.split of no rows would still yield one (empty) part
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.cumsum(np.bincount(inverse, minlength=unique.size))[:-1]
+        parts = np.split(order, bounds)
+        rows = [(str(name), index) for name, index in zip(unique, parts, strict=True)]
     rows.append((OVERALL, None))
     return rows
 
@@ -477,7 +482,10 @@ def _percent(value: float | None) -> str:
 
 
 def _points(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100.0 * value:+.2f}"
+    if math.isnan(value):
+        return "n/a"
+    text = f"{100.0 * value:+.2f}"
+    return "+0.00" if text == "-0.00" else text  # a gap that rounds to 0 has no sign
 
 
 def _nats(value: float) -> str:

@@ -11,11 +11,10 @@ Weights are written once to an external-data file that several graphs can share,
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -48,15 +47,10 @@ class HeadWeights:
     n_labels: int
 
 
-class _Sink(Protocol):
-    def tell(self) -> int: ...
-    def write(self, payload: bytes, /) -> int: ...
-
-
 class _ExternalWeights:
     """Writes initialisers into one shared external-data file."""
 
-    def __init__(self, handle: _Sink, location: str) -> None:
+    def __init__(self, handle: BinaryIO, location: str) -> None:
         self._handle = handle
         self._location = location
 
@@ -175,21 +169,15 @@ def _head_nodes(g: _Graph, embedding: str, head: HeadWeights) -> str:
     # log(sum of member probabilities), computed stably: softmax then a 0/1 matmul.
     probs = g.op("MatMul", [g.op("Softmax", [x], axis=-1), g.const("head.groups", membership)])
     log_probs = g.op("Log", [g.op("Max", [probs, g.const("prob_floor", 1e-30)])])
-    mean = g.op("ReduceMean", [log_probs, "axis_last"], keepdims=1)
+    mean = g.op("ReduceMean", [log_probs, g.const("head.axis_last", [-1], np.int64)], keepdims=1)
     return g.op("Sub", [log_probs, mean])
 
 
-def build_graph(
-    e5: E5File, weights_path: Path, *, head: HeadWeights | None = None, write_weights: bool = True
-) -> onnx.ModelProto:
-    """Build the encoder (plus ``head`` if given) with its large tensors in ``weights_path``.
-
-    With ``write_weights=False`` the external file must already hold the same tensors in the
-    same order; the graph then only references them (offsets are recomputed identically).
-    """
+def build_encoder(e5: E5File, weights_path: Path) -> onnx.ModelProto:
+    """The encoder graph, ``input_ids, attention_mask -> embedding``, its large tensors
+    written to ``weights_path`` (referenced by file name, so keep the two side by side)."""
     g = _Graph()
-    with contextlib.ExitStack() as stack:
-        sink: _Sink = stack.enter_context(weights_path.open("wb")) if write_weights else _CountingSink()
+    with weights_path.open("wb") as sink:
         writer = _ExternalWeights(sink, weights_path.name)
 
         def add(name: str, array: npt.NDArray[np.float32]) -> str:
@@ -197,33 +185,34 @@ def build_graph(
             return name
 
         embedding = _encoder_nodes(g, e5, add)
-    outputs = [helper.make_tensor_value_info(embedding, TensorProto.FLOAT, ["batch", e5.config.hidden])]
-    if head is not None:
-        logits = _head_nodes(g, embedding, head)
-        g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-        outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", head.n_labels]))
     g.nodes.append(helper.make_node("Identity", [embedding], ["embedding"]))
-    outputs[-1] = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", e5.config.hidden])
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
     ]
-    graph = helper.make_graph(g.nodes, "e5_teacher", inputs, outputs, g.initializers)
+    outputs = [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", e5.config.hidden])]
+    graph = helper.make_graph(g.nodes, "e5_encoder", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="intent-worker")
     model.ir_version = 8
     return model
 
 
-class _CountingSink:
-    """A write-only stand-in for the weight file that only tracks the offset."""
+def attach_head(encoder: onnx.ModelProto, head: HeadWeights) -> onnx.ModelProto:
+    """A copy of ``encoder`` with the head appended: outputs ``logits`` and ``embedding``.
 
-    def __init__(self) -> None:
-        self._offset = 0
-
-    def tell(self) -> int:
-        return self._offset
-
-    def write(self, payload: bytes) -> int:
-        self._offset += len(payload)
-        return len(payload)
+    The encoder is loaded without its external data, so this never touches the weights.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(encoder)
+    g = _Graph()
+    g._count = len(model.graph.node)
+    logits = _head_nodes(g, "embedding", head)
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+    model.graph.node.extend(g.nodes)
+    model.graph.initializer.extend(g.initializers)
+    model.graph.output.insert(
+        0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", head.n_labels])
+    )
+    model.graph.name = "e5_teacher"
+    return model

@@ -1,0 +1,50 @@
+# intent-worker: `make help` lists every target.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SHARED_DATA ?= ../shared/data
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[teacher,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install the package with the teacher and dev extras
+
+run: setup ## Run the main job on embedded defaults (today: build the embedded teacher; see README status)
+	$(BIN)/intent-worker teacher build
+	@echo "The streaming worker is not built yet (issue 4); the teacher is ready: see 'make teacher-eval'."
+
+test: setup ## Set up and run the whole test suite
+	$(BIN)/python -m pytest -q
+
+lint: setup ## ruff
+	$(BIN)/ruff check worker tests benchmarks
+
+typecheck: setup ## mypy --strict on worker/
+	$(BIN)/mypy
+
+teacher: setup ## Re-fit the teacher head on ../shared/data and rewrite models/teacher/
+	$(BIN)/intent-worker teacher fit --out models/teacher
+
+teacher-build: setup ## Build (or verify) the cached teacher encoder
+	$(BIN)/intent-worker teacher build
+
+teacher-eval: setup ## Evaluate the teacher on the MASSIVE and xSID validation splits
+	$(BIN)/intent-worker teacher eval --split validation --data $(SHARED_DATA)/massive/*.jsonl $(SHARED_DATA)/xsid/*.jsonl
+
+bench: setup ## Run the benchmarks; results go to benchmarks/results/
+	$(BIN)/python benchmarks/teacher.py
+
+clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval bench clean

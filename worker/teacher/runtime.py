@@ -1,0 +1,221 @@
+"""Teachers at run time: the `Teacher` protocol and the ONNX implementation behind it.
+
+Texts stream through in chunks; inside a chunk they are sorted by token length and cut into
+batches under a token budget, so memory stays bounded whatever the input size and padding
+waste stays small.
+
+Input handling, the same for every teacher:
+- a non-``str`` input raises `BadInput`;
+- lone UTF-16 surrogates (invalid in UTF-8) are replaced by U+FFFD;
+- text is cut to ``64 × max_length`` characters before tokenising (no token is that long),
+  then to ``max_length`` tokens, specials included;
+- empty or whitespace-only text is valid and gets the logits of an empty query.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from worker.errors import BadInput, ModelError
+
+Logits = npt.NDArray[np.float32]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CHARS_PER_TOKEN = 64
+
+
+class Teacher(Protocol):
+    """Anything that scores texts with raw logits over a fixed label list."""
+
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+
+    @property
+    def identity(self) -> str:
+        """A stable id, including a content hash, recorded in every dataset it labels."""
+        ...
+
+    def logits(self, texts: Sequence[str]) -> Logits: ...
+
+    def iter_logits(self, texts: Iterable[str], chunk_size: int = 1024) -> Iterator[Logits]: ...
+
+
+def clean_text(text: object, max_chars: int) -> str:
+    """Validate and normalise one input text (see the module docstring)."""
+    if not isinstance(text, str):
+        raise BadInput(f"text must be a string, got {type(text).__name__}")
+    if len(text) > max_chars:
+        text = text[:max_chars]
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+class OnnxSequenceModel:
+    """An ONNX graph over ``input_ids``/``attention_mask`` (and optional ``token_type_ids``)."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        tokenizer_path: Path,
+        *,
+        output: str,
+        threads: int = 1,
+        max_length: int = 512,
+        prefix: str = "",
+        batch_tokens: int = 8192,
+    ) -> None:
+        for path in (model_path, tokenizer_path):
+            if not path.exists():
+                raise ModelError(f"model file {path} does not exist")
+        try:
+            self._session = ort.InferenceSession(
+                str(model_path), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+            self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # onnxruntime and tokenizers raise bare RuntimeErrors
+            raise ModelError(f"cannot load {model_path} / {tokenizer_path}: {exc}") from exc
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=max_length)
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        missing = {"input_ids", "attention_mask"} - self._inputs
+        if missing:
+            raise ModelError(f"{model_path}: graph lacks inputs {sorted(missing)}")
+        outputs = [o.name for o in self._session.get_outputs()]
+        if output not in outputs:
+            raise ModelError(f"{model_path}: no output {output!r} (has {outputs})")
+        self.model_path = model_path
+        self._output = output
+        self._prefix = prefix
+        self._max_chars = _CHARS_PER_TOKEN * max_length
+        self._batch_tokens = batch_tokens
+        self.max_length = max_length
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text (prefix and specials included, truncated)."""
+        cleaned = [self._prefix + clean_text(t, self._max_chars) for t in texts]
+        return [e.ids for e in self._tokenizer.encode_batch(cleaned)]
+
+    def run(self, texts: Sequence[str]) -> Logits:
+        """The graph's output for every text, in input order."""
+        ids = self.encode(texts)
+        n = len(ids)
+        if n == 0:
+            width = self._session.get_outputs()
+            shape = next(o.shape for o in width if o.name == self._output)
+            return np.zeros((0, int(shape[-1]) if isinstance(shape[-1], int) else 0), np.float32)
+        order = sorted(range(n), key=lambda i: len(ids[i]))
+        parts: list[tuple[list[int], Logits]] = []
+        start = 0
+        while start < n:
+            # Grow the batch while the padded size (rows × longest) stays in budget.
+            end = start + 1
+            while end < n and (end + 1 - start) * len(ids[order[end]]) <= self._batch_tokens:
+                end += 1
+            rows = order[start:end]
+            parts.append((rows, self._run_batch([ids[i] for i in rows])))
+            start = end
+        width = parts[0][1].shape[1]
+        out = np.empty((n, width), dtype=np.float32)
+        for rows, values in parts:
+            out[rows] = values
+        return out
+
+    def _run_batch(self, batch: list[list[int]]) -> Logits:
+        longest = max(len(row) for row in batch)
+        input_ids = np.full((len(batch), longest), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), longest), dtype=np.int64)
+        for r, row in enumerate(batch):
+            input_ids[r, : len(row)] = row
+            mask[r, : len(row)] = 1
+        feed = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feed["token_type_ids"] = np.zeros_like(input_ids)
+        (values,) = self._session.run([self._output], feed)
+        return np.asarray(values, dtype=np.float32)
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self._tokenizer.token_to_id("<pad>")
+        return 1 if pad is None else int(pad)
+
+
+class OnnxTeacher:
+    """A teacher from any ONNX sequence classifier plus its ``tokenizer.json`` and labels."""
+
+    def __init__(self, model: OnnxSequenceModel, labels: Sequence[str], identity: str) -> None:
+        self._model = model
+        self._labels = tuple(labels)
+        self._identity = identity
+
+    @classmethod
+    def from_directory(cls, directory: Path, *, threads: int = 1, batch_tokens: int = 8192) -> OnnxTeacher:
+        """Load ``model.onnx``, ``tokenizer.json``, ``labels.json`` and optional ``teacher.json``.
+
+        ``teacher.json`` may set ``prefix`` (prepended to every text), ``max_length``,
+        ``output`` (default ``logits``) and ``id``.
+        """
+        from worker.teacher.e5format import sha256_file
+
+        config: dict[str, object] = {}
+        if (directory / "teacher.json").exists():
+            config = json.loads((directory / "teacher.json").read_text())
+        labels = read_labels(directory / "labels.json")
+        model = OnnxSequenceModel(
+            directory / "model.onnx", directory / "tokenizer.json",
+            output=str(config.get("output", "logits")), threads=threads,
+            max_length=int(str(config.get("max_length", 512))), prefix=str(config.get("prefix", "")),
+            batch_tokens=batch_tokens,
+        )
+        digest = sha256_file(directory / "model.onnx")[:16]
+        identity = f"{config.get('id', directory.name)}@{digest}"
+        teacher = cls(model, labels, identity)
+        width = teacher.logits(["probe"]).shape[1]
+        if width != len(labels):
+            raise ModelError(f"{directory}: model outputs {width} logits but labels.json has {len(labels)}")
+        return teacher
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._labels
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def logits(self, texts: Sequence[str]) -> Logits:
+        return self._model.run(texts)
+
+    def iter_logits(self, texts: Iterable[str], chunk_size: int = 1024) -> Iterator[Logits]:
+        iterator = iter(texts)
+        while chunk := list(islice(iterator, chunk_size)):
+            yield self._model.run(chunk)
+
+
+def read_labels(path: Path) -> tuple[str, ...]:
+    try:
+        labels = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read label list {path}: {exc}") from exc
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ModelError(f"{path} must hold a non-empty JSON list of label names")
+    if len(set(labels)) != len(labels):
+        raise ModelError(f"{path} lists a label twice")
+    return tuple(labels)
