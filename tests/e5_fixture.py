@@ -18,8 +18,27 @@ Array = npt.NDArray[np.float32]
 
 erf = np.vectorize(math.erf)
 
-WORDS = ["hello", "world", "play", "music", "set", "an", "alarm", "what", "is", "my", "list",
-         "query", "book", "table", "for", "two", "the", "weather", "today"]
+WORDS = [
+    "hello",
+    "world",
+    "play",
+    "music",
+    "set",
+    "an",
+    "alarm",
+    "what",
+    "is",
+    "my",
+    "list",
+    "query",
+    "book",
+    "table",
+    "for",
+    "two",
+    "the",
+    "weather",
+    "today",
+]
 
 
 @dataclass
@@ -82,8 +101,14 @@ def write_tiny_e5(path: Path, seed: int = 0) -> TinyE5:
     f32("emb.ln.w", 1 + rng.normal(0, 0.05, h))
     f32("emb.ln.b", rng.normal(0, 0.05, h))
     for i in range(m.layers):
-        for name, rows, cols in (("q", h, h), ("k", h, h), ("v", h, h), ("ao", h, h),
-                                 ("fi", ff, h), ("fo", h, ff)):
+        for name, rows, cols in (
+            ("q", h, h),
+            ("k", h, h),
+            ("v", h, h),
+            ("ao", h, h),
+            ("fi", ff, h),
+            ("fo", h, ff),
+        ):
             q4(f"l{i}.{name}.w", rows, cols, 0.02)
             f32(f"l{i}.{name}.b", rng.normal(0, 0.05, rows))
         for ln in ("aln", "oln"):
@@ -105,8 +130,11 @@ def write_tiny_e5(path: Path, seed: int = 0) -> TinyE5:
     directory = struct.pack("<i", len(payloads))
     data = b""
     for name, dtype, count, raw in payloads:
-        directory += struct.pack("<H", len(name)) + name.encode() + struct.pack(
-            "<BIQQ", dtype, count, offset + len(data), len(raw))
+        directory += (
+            struct.pack("<H", len(name))
+            + name.encode()
+            + struct.pack("<BIQQ", dtype, count, offset + len(data), len(raw))
+        )
         data += raw
     path.write_bytes(body + directory + data)
     return m
@@ -126,6 +154,7 @@ def reference_embedding(m: TinyE5, ids: list[int]) -> Array:
     x = _layer_norm(x, t["emb.ln.w"], t["emb.ln.b"])
     hd = m.hidden // m.heads
     for i in range(m.layers):
+
         def lin(v: Array, name: str, i: int = i) -> Array:
             return v @ t[f"l{i}.{name}.w"].T + t[f"l{i}.{name}.b"]
 

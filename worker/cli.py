@@ -49,8 +49,11 @@ def _teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
     from worker.corpus import IntentMapping, load_labelled, shared_mapping
     from worker.teacher import load_teacher
 
-    mapping = (IntentMapping.from_files(Path(p) for p in args.mapping) if args.mapping
-               else shared_mapping(settings.shared_data_dir))
+    mapping = (
+        IntentMapping.from_files(Path(p) for p in args.mapping)
+        if args.mapping
+        else shared_mapping(settings.shared_data_dir)
+    )
     data = load_labelled([Path(p) for p in args.data], mapping, split=args.split)
     if args.exclude_ambiguous:
         data = data.subset([not a for a in data.ambiguous])
@@ -62,9 +65,14 @@ def _teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
             bar.update(len(values))
     logits = np.concatenate(chunks) if chunks else np.zeros((0, len(teacher.labels)), np.float32)
     report = evaluation.evaluate(teacher.labels, logits, data.gold(teacher.labels), data.locales)
-    payload = {"teacher": teacher.identity, "labels": list(teacher.labels),
-               "data": [str(p) for p in args.data], "split": args.split,
-               "exclude_ambiguous": args.exclude_ambiguous, "metrics": evaluation.to_json(report)}
+    payload = {
+        "teacher": teacher.identity,
+        "labels": list(teacher.labels),
+        "data": [str(p) for p in args.data],
+        "split": args.split,
+        "exclude_ambiguous": args.exclude_ambiguous,
+        "metrics": evaluation.to_json(report),
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(evaluation.to_markdown(report, f"{teacher.identity} on {len(data)} utterances"))
@@ -82,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     teacher = commands.add_parser("teacher", help="the embedded teacher").add_subparsers(
-        dest="teacher_command", required=True)
+        dest="teacher_command", required=True
+    )
     build = teacher.add_parser("build", help="build (or verify) the cached teacher files")
     build.set_defaults(handler=_teacher_build)
     fit = teacher.add_parser("fit", help="train the teacher head on the shared labelled data")

@@ -64,7 +64,9 @@ class LabelledSet:
         try:
             return np.array([index[label] for label in self.labels], dtype=np.int64)
         except KeyError as exc:
-            raise DataError(f"gold label {exc.args[0]!r} is not in the label set {list(label_names)}") from exc
+            raise DataError(
+                f"gold label {exc.args[0]!r} is not in the label set {list(label_names)}"
+            ) from exc
 
     def subset(self, keep: Sequence[bool]) -> LabelledSet:
         out = LabelledSet()

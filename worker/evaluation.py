@@ -116,8 +116,7 @@ def _as_class_indices(values: npt.ArrayLike, n_classes: int | None, name: str) -
         raise ValueError(f"{name} must hold integer class indices, got dtype {array.dtype}")
     if n_classes is not None and (array.min() < 0 or array.max() >= n_classes):
         raise ValueError(
-            f"{name} holds class indices outside [0, {n_classes}): "
-            f"min {array.min()}, max {array.max()}"
+            f"{name} holds class indices outside [0, {n_classes}): min {array.min()}, max {array.max()}"
         )
     return array.astype(np.int64, copy=False)
 
@@ -188,9 +187,7 @@ def kl_divergence(teacher_logits: npt.ArrayLike, student_logits: npt.ArrayLike) 
     teacher = _as_logits(teacher_logits, "teacher_logits")
     student = _as_logits(student_logits, "student_logits")
     if teacher.shape != student.shape:
-        raise ValueError(
-            f"teacher_logits {teacher.shape} and student_logits {student.shape} differ in shape"
-        )
+        raise ValueError(f"teacher_logits {teacher.shape} and student_logits {student.shape} differ in shape")
     return _kl_from_log(_log_softmax(teacher), _log_softmax(student))
 
 
@@ -209,9 +206,7 @@ def _pr_bep(scores: FloatArray, positive: BoolArray) -> float:
     open_slots = k - int(np.count_nonzero(above))
     # The open slots are filled from the tied block in random order, so each
     # tied positive lands in the top k with probability open_slots / n_tied.
-    hits = np.count_nonzero(above & positive) + (
-        open_slots * np.count_nonzero(tied & positive) / n_tied
-    )
+    hits = np.count_nonzero(above & positive) + (open_slots * np.count_nonzero(tied & positive) / n_tied)
     return float(hits / k)
 
 
@@ -391,9 +386,7 @@ def compare(
     teacher = _as_logits(teacher_logits, "teacher_logits")
     student = _as_logits(student_logits, "student_logits")
     if teacher.shape != student.shape:
-        raise ValueError(
-            f"teacher_logits {teacher.shape} and student_logits {student.shape} differ in shape"
-        )
+        raise ValueError(f"teacher_logits {teacher.shape} and student_logits {student.shape} differ in shape")
     n = teacher.shape[0]
     names = _as_labels(labels, teacher.shape[1])
     rows = _group_rows(groups, n)
@@ -437,12 +430,8 @@ def compare(
             pr_auc_gap=_mean_defined(auc_gap.values()),
             teacher_accuracy=_accuracy(ref, t_pred) if with_gold else None,
             student_accuracy=_accuracy(ref, s_pred) if with_gold else None,
-            teacher_macro_f1=(
-                _macro_f1(_confusion(ref, t_pred, len(names))) if with_gold else None
-            ),
-            student_macro_f1=(
-                _macro_f1(_confusion(ref, s_pred, len(names))) if with_gold else None
-            ),
+            teacher_macro_f1=(_macro_f1(_confusion(ref, t_pred, len(names))) if with_gold else None),
+            student_macro_f1=(_macro_f1(_confusion(ref, s_pred, len(names))) if with_gold else None),
         )
     return report
 

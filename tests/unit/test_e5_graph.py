@@ -68,9 +68,12 @@ def test_head_graph_matches_numpy_head(tmp_path: Path, tiny: tuple[Path, TinyE5]
     path, _ = tiny
     rng = np.random.default_rng(1)
     head = HeadWeights(
-        layers=((rng.normal(0, 0.3, (64, 16)).astype(np.float32), np.zeros(16, np.float32)),
-                (rng.normal(0, 0.3, (16, 5)).astype(np.float32), rng.normal(0, 0.1, 5).astype(np.float32))),
-        groups=np.array([0, 0, 1, 2, 2]), n_labels=3,
+        layers=(
+            (rng.normal(0, 0.3, (64, 16)).astype(np.float32), np.zeros(16, np.float32)),
+            (rng.normal(0, 0.3, (16, 5)).astype(np.float32), rng.normal(0, 0.1, 5).astype(np.float32)),
+        ),
+        groups=np.array([0, 0, 1, 2, 2]),
+        n_labels=3,
     )
     encoder = build_encoder(E5File(path), tmp_path / "encoder.weights")
     onnx.save(attach_head(encoder, head), str(tmp_path / "teacher.onnx"))
@@ -122,8 +125,9 @@ def test_corrupted_cache_file_is_detected_and_rebuilt(
 def test_head_graph_is_cached_and_verified(tmp_path: Path, tiny: tuple[Path, TinyE5]) -> None:
     path, _ = tiny
     files = ensure_encoder(tmp_path / "cache", path, max_length=32)
-    head = HeadWeights(layers=((np.eye(64, 3, dtype=np.float32), np.zeros(3, np.float32)),),
-                       groups=None, n_labels=3)
+    head = HeadWeights(
+        layers=((np.eye(64, 3, dtype=np.float32), np.zeros(3, np.float32)),), groups=None, n_labels=3
+    )
     graph = ensure_head_graph(files, head, "ab" * 32)
     stamp = graph.stat().st_mtime_ns
     assert ensure_head_graph(files, head, "ab" * 32).stat().st_mtime_ns == stamp

@@ -39,7 +39,8 @@ E5_PREFIX = "query: "
 def load_teacher(settings: Settings) -> Teacher:
     if (settings.teacher_dir / "model.onnx").exists():
         return OnnxTeacher.from_directory(
-            settings.teacher_dir, threads=settings.teacher_threads,
+            settings.teacher_dir,
+            threads=settings.teacher_threads,
             batch_tokens=settings.teacher_batch_tokens,
         )
     return load_embedded_teacher(settings)
@@ -50,11 +51,14 @@ def load_embedded_encoder(settings: Settings, e5_path: Path | None = None) -> On
     from worker.teacher.build import ensure_encoder
     from worker.teacher.e5format import default_weights_path
 
-    files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(),
-                           settings.teacher_max_length)
+    files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(), settings.teacher_max_length)
     return OnnxSequenceModel(
-        files.encoder, files.tokenizer, output="embedding", threads=settings.teacher_threads,
-        max_length=settings.teacher_max_length, prefix=E5_PREFIX,
+        files.encoder,
+        files.tokenizer,
+        output="embedding",
+        threads=settings.teacher_threads,
+        max_length=settings.teacher_max_length,
+        prefix=E5_PREFIX,
         batch_tokens=settings.teacher_batch_tokens,
     )
 
@@ -65,15 +69,18 @@ def load_embedded_teacher(settings: Settings, e5_path: Path | None = None) -> On
     from worker.teacher.e5format import default_weights_path
     from worker.teacher.head import head_digest, load_head
 
-    files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(),
-                           settings.teacher_max_length)
+    files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(), settings.teacher_max_length)
     labels = read_labels(settings.teacher_dir / "labels.json")
     head = load_head(settings.teacher_dir / "head.npz")
     digest = head_digest(head, labels)
     graph = ensure_head_graph(files, head, digest)
     model = OnnxSequenceModel(
-        graph, files.tokenizer, output="logits", threads=settings.teacher_threads,
-        max_length=settings.teacher_max_length, prefix=E5_PREFIX,
+        graph,
+        files.tokenizer,
+        output="logits",
+        threads=settings.teacher_threads,
+        max_length=settings.teacher_max_length,
+        prefix=E5_PREFIX,
         batch_tokens=settings.teacher_batch_tokens,
     )
     return OnnxTeacher(model, labels, identity=f"e5-small-intent@{files.key[:8]}.{digest[:8]}")

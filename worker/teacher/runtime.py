@@ -179,9 +179,12 @@ class OnnxTeacher:
             config = json.loads((directory / "teacher.json").read_text())
         labels = read_labels(directory / "labels.json")
         model = OnnxSequenceModel(
-            directory / "model.onnx", directory / "tokenizer.json",
-            output=str(config.get("output", "logits")), threads=threads,
-            max_length=int(str(config.get("max_length", 512))), prefix=str(config.get("prefix", "")),
+            directory / "model.onnx",
+            directory / "tokenizer.json",
+            output=str(config.get("output", "logits")),
+            threads=threads,
+            max_length=int(str(config.get("max_length", 512))),
+            prefix=str(config.get("prefix", "")),
             batch_tokens=batch_tokens,
         )
         digest = sha256_file(directory / "model.onnx")[:16]
