@@ -5,6 +5,7 @@
     ├── ModelError        a model directory or graph is missing, corrupt or inconsistent
     │   └── CacheError    a cached build artefact failed its integrity check
     ├── DataError         a data set file is missing or malformed
+    ├── ServiceError      Kafka or Redis (embedded or configured) cannot be started or reached
     └── MissingExtra      an optional dependency group is not installed
 
 Foreign errors are wrapped with ``raise ... from exc`` and name the input they concern.
@@ -31,6 +32,10 @@ class CacheError(ModelError):
 
 class DataError(WorkerError):
     """A data set is missing or malformed."""
+
+
+class ServiceError(WorkerError):
+    """An embedded or configured service (Kafka, Redis) cannot be started or reached."""
 
 
 class MissingExtra(WorkerError):

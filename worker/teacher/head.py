@@ -63,14 +63,24 @@ def train_head(
     n_labels: int,
     config: HeadConfig,
 ) -> HeadWeights:
-    """Fit a one-hidden-layer MLP with softmax cross-entropy over ``n_classes`` targets."""
+    """Fit a softmax classifier over ``n_classes`` targets with cross-entropy.
+
+    ``config.hidden`` > 0 gives one ReLU hidden layer (dropout after it); 0 gives a linear
+    (multinomial logistic regression) head.
+    """
     rng = np.random.default_rng(config.seed)
     n, dim = embeddings.shape
-    w1 = (rng.standard_normal((dim, config.hidden)) * np.sqrt(2.0 / dim)).astype(np.float32)
-    b1 = np.zeros(config.hidden, np.float32)
-    w2 = (rng.standard_normal((config.hidden, n_classes)) * np.sqrt(1.0 / config.hidden)).astype(np.float32)
-    b2 = np.zeros(n_classes, np.float32)
-    params = [w1, b1, w2, b2]
+    width = config.hidden or dim
+    params: list[Array] = []
+    if config.hidden:
+        params += [
+            (rng.standard_normal((dim, width)) * np.sqrt(2.0 / dim)).astype(np.float32),
+            np.zeros(width, np.float32),
+        ]
+    params += [
+        (rng.standard_normal((width, n_classes)) * np.sqrt(1.0 / width)).astype(np.float32),
+        np.zeros(n_classes, np.float32),
+    ]
     moments = [np.zeros_like(p) for p in params]
     velocities = [np.zeros_like(p) for p in params]
     beta1, beta2, step = 0.9, 0.999, 0
@@ -80,23 +90,24 @@ def train_head(
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
             x, y = embeddings[idx], targets[idx]
-            h_pre = x @ w1 + b1
-            h = _relu(h_pre)
-            keep = (rng.random(h.shape) >= config.dropout).astype(np.float32) / (1 - config.dropout)
-            h_drop = h * keep
-            z = h_drop @ w2 + b2
+            w_out, b_out = params[-2], params[-1]
+            if config.hidden:
+                h_pre = x @ params[0] + params[1]
+                keep = (rng.random(h_pre.shape) >= config.dropout).astype(np.float32) / (1 - config.dropout)
+                h = _relu(h_pre) * keep
+            else:
+                h = x
+            z = h @ w_out + b_out
             z -= z.max(axis=1, keepdims=True)
             p = np.exp(z)
             p /= p.sum(axis=1, keepdims=True)
             dz = p
             dz[np.arange(len(y)), y] -= 1.0
             dz /= len(y)
-            grads = [np.zeros(0, np.float32)] * 4
-            grads[3] = dz.sum(axis=0)
-            grads[2] = h_drop.T @ dz
-            dh = (dz @ w2.T) * keep * (h_pre > 0)
-            grads[1] = dh.sum(axis=0)
-            grads[0] = x.T @ dh
+            grads = [h.T @ dz, dz.sum(axis=0)]
+            if config.hidden:
+                dh = (dz @ w_out.T) * keep * (h_pre > 0)
+                grads = [x.T @ dh, dh.sum(axis=0), *grads]
             step += 1
             # Cosine decay keeps the last epochs from wandering.
             lr = config.learning_rate * 0.5 * (1 + np.cos(np.pi * step / steps_total))
@@ -108,7 +119,8 @@ def train_head(
                 m_hat = moments[i] / (1 - beta1**step)
                 v_hat = velocities[i] / (1 - beta2**step)
                 param -= (lr * m_hat / (np.sqrt(v_hat) + 1e-8)).astype(np.float32)
-    return HeadWeights(layers=((w1, b1), (w2, b2)), groups=groups, n_labels=n_labels)
+    layers = tuple((params[i], params[i + 1]) for i in range(0, len(params), 2))
+    return HeadWeights(layers=layers, groups=groups, n_labels=n_labels)
 
 
 def save_head(head: HeadWeights, path: Path) -> None:

@@ -1,0 +1,110 @@
+"""The student runtime: load a model directory, classify texts in batches.
+
+A model directory holds ``model.onnx`` (``input_ids``, ``attention_mask`` int64
+``[batch, sequence]`` -> ``logits`` float ``[batch, C]``), ``tokenizer.json``,
+``labels.json`` and ``card.json``. A directory missing any of them is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from worker.errors import ModelError
+from worker.teacher.runtime import clean_text, read_labels, session_options
+
+REQUIRED_FILES = ("model.onnx", "tokenizer.json", "labels.json", "card.json")
+Logits = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One classified text."""
+
+    label: str
+    scores: dict[str, float]  # softmax probability per label
+    margin: float  # top-1 minus top-2 probability: small means uncertain
+    logits: tuple[float, ...]
+
+
+class Student:
+    """A loaded student: tokenizer + ONNX session + label list + card."""
+
+    def __init__(self, directory: Path, *, threads: int = 1, max_length: int = 128) -> None:
+        missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+        if missing:
+            raise ModelError(f"model directory {directory} lacks {', '.join(missing)}")
+        self.directory = directory
+        try:
+            self.card: dict[str, object] = json.loads((directory / "card.json").read_text())
+        except ValueError as exc:
+            raise ModelError(f"{directory}/card.json is not valid JSON: {exc}") from exc
+        self.labels = read_labels(directory / "labels.json")
+        try:
+            self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            self._session = ort.InferenceSession(
+                str(directory / "model.onnx"), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime and tokenizers raise bare RuntimeErrors
+            raise ModelError(f"cannot load student {directory}: {exc}") from exc
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=max_length)
+        self._max_chars = 64 * max_length
+        pad = self._tokenizer.token_to_id("<pad>")
+        self._pad_id = 0 if pad is None else int(pad)
+        width = self.logits(["probe"]).shape[1]
+        if width != len(self.labels):
+            raise ModelError(f"{directory}: model outputs {width} logits but labels.json has {len(self.labels)}")
+
+    @property
+    def version(self) -> str:
+        return str(self.card.get("version", self.directory.name))
+
+    def logits(self, texts: Sequence[str]) -> Logits:
+        """Raw logits for ``texts``, padded to the longest text of the batch."""
+        encodings = self._tokenizer.encode_batch([clean_text(t, self._max_chars) for t in texts])
+        if not encodings:
+            return np.zeros((0, len(getattr(self, "labels", ()))), np.float32)
+        longest = max(1, max(len(e.ids) for e in encodings))
+        input_ids = np.full((len(encodings), longest), self._pad_id, dtype=np.int64)
+        mask = np.zeros_like(input_ids)
+        for row, enc in enumerate(encodings):
+            input_ids[row, : len(enc.ids)] = enc.ids
+            mask[row, : len(enc.ids)] = 1
+        (values,) = self._session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})
+        return np.asarray(values, dtype=np.float32)
+
+
+def predictions(labels: Sequence[str], logits: Logits) -> list[Prediction]:
+    """Softmax scores, top label and top-2 margin for each row of ``logits``."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=1, keepdims=True)
+    ordered = np.sort(probs, axis=1)
+    margins = ordered[:, -1] - (ordered[:, -2] if probs.shape[1] > 1 else 0.0)
+    top = probs.argmax(axis=1)
+    return [
+        Prediction(
+            label=labels[int(top[i])],
+            scores={name: round(float(p), 6) for name, p in zip(labels, probs[i], strict=True)},
+            margin=float(margins[i]),
+            logits=tuple(float(v) for v in logits[i]),
+        )
+        for i in range(len(logits))
+    ]
+
+
+def classify(texts: Sequence[str], student: Student) -> tuple[list[Prediction], float]:
+    """Predictions for ``texts`` and the inference time in milliseconds."""
+    started = time.perf_counter()
+    values = student.logits(texts)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    return predictions(student.labels, values), elapsed_ms

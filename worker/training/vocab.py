@@ -1,0 +1,69 @@
+"""Vocabulary pruning: keep the teacher's pieces seen in a corpus, add byte fallback.
+
+The student tokenizer is the teacher's Unigram tokenizer restricted to the kept pieces,
+with the same normaliser and pre-tokeniser, no prefix and no special tokens around the
+text. The 256 byte pieces ``<0x00>``..``<0xFF>`` make byte fallback total: a character no
+kept piece covers becomes its UTF-8 bytes, so no input is ever unknown.
+
+Student id layout: 0 ``<pad>``, 1 ``<unk>``, 2..257 bytes, then the kept pieces.
+`PrunedVocab.teacher_ids` maps each student id to its teacher row (-1 for pad/unk/bytes),
+which is how student embeddings are initialised from the teacher's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+import numpy.typing as npt
+from tokenizers import Tokenizer
+from tokenizers.models import Unigram
+
+PAD, UNK = "<pad>", "<unk>"
+BYTE_PIECES = tuple(f"<0x{b:02X}>" for b in range(256))
+FIRST_PIECE_ID = 2 + len(BYTE_PIECES)
+
+
+@dataclass(frozen=True)
+class PrunedVocab:
+    pieces: tuple[str, ...]  # student id -> piece
+    teacher_ids: npt.NDArray[np.int64]  # student id -> teacher id, -1 where none
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+
+def count_pieces(teacher_tokenizer: Tokenizer, texts: Iterable[str], chunk: int = 4096) -> Counter[int]:
+    """How often each teacher piece id occurs in ``texts`` (specials excluded)."""
+    counts: Counter[int] = Counter()
+    iterator = iter(texts)
+    while batch := list(islice(iterator, chunk)):
+        for encoding in teacher_tokenizer.encode_batch(batch, add_special_tokens=False):
+            counts.update(encoding.ids)
+    return counts
+
+
+def prune(teacher_tokenizer: Tokenizer, counts: Counter[int], min_count: int = 1) -> tuple[Tokenizer, PrunedVocab]:
+    """A student tokenizer keeping teacher pieces seen at least ``min_count`` times."""
+    spec = json.loads(teacher_tokenizer.to_str())
+    teacher_vocab: list[list[object]] = spec["model"]["vocab"]
+    unk_id = int(spec["model"]["unk_id"])
+    specials = {i for i, (piece, _) in enumerate(teacher_vocab) if str(piece) in ("<s>", "</s>", "<pad>", "<unk>")}
+    kept = sorted(i for i, n in counts.items() if n >= min_count and i not in specials and i != unk_id)
+    lowest = min(float(str(score)) for _, score in teacher_vocab)
+    vocab: list[tuple[str, float]] = [(PAD, 0.0), (UNK, 0.0)]
+    # Byte pieces never match ordinary text (their strings are "<0x41>"), so their score
+    # only matters for byte fallback, which tokenizers applies to uncovered characters.
+    vocab += [(piece, lowest - 20.0) for piece in BYTE_PIECES]
+    vocab += [(str(teacher_vocab[i][0]), float(str(teacher_vocab[i][1]))) for i in kept]
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=1, byte_fallback=True))
+    tokenizer.normalizer = teacher_tokenizer.normalizer
+    tokenizer.pre_tokenizer = teacher_tokenizer.pre_tokenizer
+    tokenizer.decoder = teacher_tokenizer.decoder
+    teacher_ids = np.array([-1] * FIRST_PIECE_ID + kept, dtype=np.int64)
+    pieces = tuple(piece for piece, _ in vocab)
+    return tokenizer, PrunedVocab(pieces=pieces, teacher_ids=teacher_ids)
