@@ -79,6 +79,92 @@ def _teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _corpus_build(settings: Settings, args: argparse.Namespace) -> int:
+    """Label the development corpus (or --data files) with the teacher into a dataset."""
+    from tqdm import tqdm
+
+    from worker.corpus import massive_files, require_shared_data
+    from worker.dataset import DatasetWriter
+    from worker.labelling import label_rows, rows_from_files
+    from worker.teacher import load_teacher
+
+    if args.data:
+        paths = [Path(p) for p in args.data]
+    else:
+        shared = require_shared_data(settings.shared_data_dir)
+        paths = [*massive_files(shared), shared / "tatoeba" / "tatoeba.jsonl"]
+    teacher = load_teacher(settings)
+    writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels)
+    rows = list(rows_from_files(paths, split=args.split, with_translations=not args.no_translations))
+    with tqdm(total=len(rows), unit="utt", desc="labelling", disable=args.quiet) as bar:
+        n = label_rows(teacher, rows, writer, progress=bar.update)
+    print(f"{n} rows in {args.out} (dataset version {writer.manifest['dataset_version']})")
+    return 0
+
+
+def _train(settings: Settings, args: argparse.Namespace) -> int:
+    from tokenizers import Tokenizer
+
+    from worker.corpus import (
+        load_labelled,
+        massive_files,
+        require_shared_data,
+        shared_mapping,
+        xsid_files,
+    )
+    from worker.teacher.build import ensure_encoder
+    from worker.teacher.e5format import E5File, default_weights_path
+    from worker.teacher.runtime import read_labels
+    from worker.training.distil import TrainConfig
+    from worker.training.pipeline import TrainRequest, train_model_dir
+
+    e5_path = default_weights_path()
+    files = ensure_encoder(settings.cache_dir, e5_path, settings.teacher_max_length)
+    teacher_tokenizer = Tokenizer.from_file(str(files.tokenizer))
+    parity: list[str] = []
+    labelled = None
+    labels: tuple[str, ...] = ()
+    if settings.shared_data_dir.is_dir():
+        shared = require_shared_data(settings.shared_data_dir)
+        mapping = shared_mapping(shared)
+        for group in (massive_files(shared), xsid_files(shared)):
+            parity += load_labelled(group, mapping, split="validation").texts
+        if args.supervised:
+            labelled = load_labelled(massive_files(shared), mapping, split="train")
+            labels = read_labels(settings.teacher_dir / "labels.json")
+    elif args.supervised:
+        raise WorkerError("--supervised trains on the shared labelled data, which is missing")
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        fraction=args.fraction,
+        threads=args.threads,
+    )
+    request = TrainRequest(
+        arch=args.arch,
+        out=Path(args.out),
+        datasets=tuple(Path(d) for d in args.data or ()),
+        labelled=labelled,
+        labels=labels,
+        filters=args.filters,
+        kernel_sizes=tuple(int(k) for k in args.kernels.split(",")),
+        embedding_dim=args.embedding_dim,
+        min_count=args.min_count,
+        parity_texts=tuple(parity),
+        command=_command_line(),
+        train=config,
+    )
+    if not request.datasets and labelled is None:
+        raise WorkerError("train needs --data DATASET_DIR (or --supervised)")
+    card = train_model_dir(
+        request, teacher_tokenizer, E5File(e5_path), teacher_id=f"e5-small@{files.key[:8]}"
+    )
+    print(json.dumps({k: card[k] for k in ("version", "int8", "sizes_bytes")}, indent=2))
+    return 0
+
+
 def _command_line() -> str:
     return "intent-worker " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -105,6 +191,41 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="write the JSON report here")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(handler=_teacher_eval)
+    corpus = commands.add_parser("corpus", help="distillation corpora").add_subparsers(
+        dest="corpus_command", required=True
+    )
+    cb = corpus.add_parser("build", help="label texts with the teacher into a versioned dataset")
+    cb.add_argument("--out", required=True, help="dataset directory (created or extended)")
+    cb.add_argument(
+        "--data", nargs="*", help="JSONL files (default: MASSIVE train + Tatoeba from the shared data)"
+    )
+    cb.add_argument("--split", default="train", help="rows of this split; rows without a split always count")
+    cb.add_argument("--no-translations", action="store_true", help="skip the 'en' field of translation pairs")
+    cb.add_argument("--quiet", action="store_true")
+    cb.set_defaults(handler=_corpus_build)
+
+    train = commands.add_parser("train", help="distil a student (cnn or bag) into a model directory")
+    train.add_argument("--arch", choices=["cnn", "bag"], required=True)
+    train.add_argument("--data", nargs="*", help="distillation dataset directories")
+    train.add_argument("--out", required=True, help="model directory to write")
+    train.add_argument(
+        "--supervised",
+        action="store_true",
+        help="S_sup: cross-entropy on the gold labels of MASSIVE train instead of distillation",
+    )
+    train.add_argument("--filters", type=int, default=500, help="CNN filters per kernel size (paper: 500)")
+    train.add_argument("--kernels", default="2,3,4,5,6", help="CNN kernel sizes")
+    train.add_argument(
+        "--embedding-dim", type=int, default=384, help="< 384 projects the teacher rows by PCA"
+    )
+    train.add_argument("--min-count", type=int, default=1, help="keep pieces seen at least this often")
+    train.add_argument("--fraction", type=float, default=1.0, help="share of the training rows to use")
+    train.add_argument("--epochs", type=int, default=50)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2)
+    train.set_defaults(handler=_train)
     return parser
 
 

@@ -47,12 +47,16 @@ def count_pieces(teacher_tokenizer: Tokenizer, texts: Iterable[str], chunk: int 
     return counts
 
 
-def prune(teacher_tokenizer: Tokenizer, counts: Counter[int], min_count: int = 1) -> tuple[Tokenizer, PrunedVocab]:
+def prune(
+    teacher_tokenizer: Tokenizer, counts: Counter[int], min_count: int = 1
+) -> tuple[Tokenizer, PrunedVocab]:
     """A student tokenizer keeping teacher pieces seen at least ``min_count`` times."""
     spec = json.loads(teacher_tokenizer.to_str())
     teacher_vocab: list[list[object]] = spec["model"]["vocab"]
     unk_id = int(spec["model"]["unk_id"])
-    specials = {i for i, (piece, _) in enumerate(teacher_vocab) if str(piece) in ("<s>", "</s>", "<pad>", "<unk>")}
+    specials = {
+        i for i, (piece, _) in enumerate(teacher_vocab) if str(piece) in ("<s>", "</s>", "<pad>", "<unk>")
+    }
     kept = sorted(i for i, n in counts.items() if n >= min_count and i not in specials and i != unk_id)
     lowest = min(float(str(score)) for _, score in teacher_vocab)
     vocab: list[tuple[str, float]] = [(PAD, 0.0), (UNK, 0.0)]

@@ -1,0 +1,173 @@
+"""Student architectures, vocabulary pruning with byte fallback, export and the model directory."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the students need the 'train' extra")
+
+from tokenizers import Tokenizer  # noqa: E402
+
+from worker.errors import ModelError  # noqa: E402
+from worker.inference import REQUIRED_FILES, Student, classify  # noqa: E402
+from worker.teacher.e5format import E5File, default_weights_path  # noqa: E402
+from worker.teacher.tokenizer import build_tokenizer  # noqa: E402
+from worker.training.export import export_onnx, quantise_static, run_logits, verify_parity  # noqa: E402
+from worker.training.students import StudentConfig, build_student, initial_embeddings  # noqa: E402
+from worker.training.vocab import BYTE_PIECES, FIRST_PIECE_ID, count_pieces, prune  # noqa: E402
+
+CORPUS = [
+    "set an alarm for seven",
+    "what is on my shopping list",
+    "play some jazz please",
+    "turn off the kitchen lights",
+    "wie wird das wetter morgen",
+    "réserve une table pour deux",
+    "tell me a joke",
+    "did i get any emails today",
+    "明日の天気を教えて",
+    "알람 맞춰 줘",
+]
+
+
+@functools.cache
+def _teacher_tokenizer() -> Tokenizer:
+    tokenizer = build_tokenizer(E5File(default_weights_path()).vocab, max_length=512)
+    tokenizer.no_padding()
+    return tokenizer
+
+
+@functools.cache
+def _pruned() -> tuple[Tokenizer, object]:
+    return prune(_teacher_tokenizer(), count_pieces(_teacher_tokenizer(), CORPUS))
+
+
+def test_pruned_ids_map_to_the_right_teacher_rows() -> None:
+    tokenizer, vocab = _pruned()
+    teacher = _teacher_tokenizer()
+    for piece_id in range(FIRST_PIECE_ID, len(vocab)):  # type: ignore[arg-type]
+        piece = tokenizer.id_to_token(piece_id)
+        assert teacher.token_to_id(piece) == vocab.teacher_ids[piece_id]  # type: ignore[attr-defined]
+    e5 = E5File(default_weights_path())
+    rows = vocab.teacher_ids[vocab.teacher_ids >= 0]  # type: ignore[attr-defined]
+    init = initial_embeddings(e5.tensor("emb.word", rows=rows), vocab.teacher_ids, seed=0)  # type: ignore[attr-defined]
+    alarm = tokenizer.token_to_id("▁alarm")
+    np.testing.assert_array_equal(
+        init[alarm], e5.tensor("emb.word", rows=np.array([teacher.token_to_id("▁alarm")]))[0]
+    )
+    assert not init[0].any()  # <pad> is zero
+
+
+def test_byte_fallback_leaves_no_unknown_token_on_any_unicode() -> None:
+    tokenizer, _ = _pruned()
+    unk = tokenizer.token_to_id("<unk>")
+    rng = random.Random(0)
+    samples = ["ქართული ენა ლამაზია", "አማርኛ ቋንቋ", "🦄🫠 zzz", "ᚠᛇᚻ᛫ᛒᛦᚦ", "\u0301\u200d\ufeff", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
+    for _ in range(300):
+        samples.append(
+            "".join(
+                chr(rng.choice([rng.randint(0x20, 0xD7FF), rng.randint(0xE000, 0x10FFFF)]))
+                for _ in range(rng.randint(1, 12))
+            )
+        )
+    for text in samples:
+        ids = tokenizer.encode(text).ids
+        assert unk not in ids, text
+    assert tokenizer.encode("ქ").tokens[-3:] == [BYTE_PIECES[0xE1], BYTE_PIECES[0x83], BYTE_PIECES[0xA5]]
+
+
+@pytest.mark.parametrize("arch", ["cnn", "bag"])
+def test_shapes_determinism_and_padding_invariance(arch: str) -> None:
+    _, vocab = _pruned()
+    config = StudentConfig(arch=arch, vocab_size=len(vocab), n_labels=3, embedding_dim=32, filters=16)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    a = build_student(config).eval()
+    torch.manual_seed(0)
+    b = build_student(config).eval()
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]])
+    mask = (ids > 0).long()
+    with torch.no_grad():
+        out = a(ids, mask)
+        assert out.shape == (2, 3)
+        assert torch.equal(out, b(ids, mask))
+        # The same texts without the extra padding give the same logits.
+        np.testing.assert_allclose(a(ids[:1, :3], mask[:1, :3]), out[:1], atol=1e-6)
+        np.testing.assert_allclose(a(ids[1:, :1], mask[1:, :1]), out[1:], atol=1e-6)
+
+
+def _train_tiny(arch: str) -> tuple[object, Tokenizer]:
+    tokenizer, vocab = _pruned()
+    config = StudentConfig(arch=arch, vocab_size=len(vocab), n_labels=3, embedding_dim=32, filters=16)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = build_student(config)
+    targets = torch.tensor([[i % 3 * 2.0 - 2, 1.0, -1.0] for i in range(len(CORPUS))])
+    enc = tokenizer.encode_batch(CORPUS)
+    longest = max(len(e.ids) for e in enc)
+    ids = torch.tensor([e.ids + [0] * (longest - len(e.ids)) for e in enc])
+    mask = (torch.arange(longest)[None, :] < torch.tensor([len(e.ids) for e in enc])[:, None]).long()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimiser.zero_grad()
+        loss = ((model(ids, mask) - targets) ** 2).mean()
+        loss.backward()
+        optimiser.step()
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("arch", ["cnn", "bag"])
+def test_int8_agrees_with_fp32_on_a_fixture(tmp_path: Path, arch: str) -> None:
+    model, tokenizer = _train_tiny(arch)
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx")
+    int8 = quantise_static(fp32, tmp_path / "int8.onnx", tokenizer, CORPUS * 5, max_length=64)
+    texts = CORPUS + [t.upper() for t in CORPUS] + [t + " now" for t in CORPUS]
+    parity = verify_parity(fp32, int8, tokenizer, texts, max_length=64)
+    assert parity["label_agreement"] >= 0.9
+    spread = float(np.abs(run_logits(fp32, tokenizer, texts, 64)).mean())
+    assert parity["mean_abs_logit_error"] < 0.1 * spread
+    with torch.no_grad():
+        enc = tokenizer.encode(CORPUS[0])
+        ids = torch.tensor([enc.ids])
+        expected = model(ids, torch.ones_like(ids)).numpy()
+    np.testing.assert_allclose(run_logits(fp32, tokenizer, CORPUS[:1], 64), expected, atol=1e-5)
+
+
+def _model_dir(tmp_path: Path) -> Path:
+    model, tokenizer = _train_tiny("bag")
+    directory = tmp_path / "student"
+    directory.mkdir()
+    export_onnx(model, directory / "model.onnx")
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "labels.json").write_text(json.dumps(["Action", "Other", "Recall"]))
+    (directory / "card.json").write_text(json.dumps({"version": "bag-test"}))
+    return directory
+
+
+def test_model_directory_loads_and_classifies(tmp_path: Path) -> None:
+    student = Student(_model_dir(tmp_path))
+    predictions, elapsed_ms = classify(["set an alarm", "", "ქართული"], student)
+    assert [p.label in student.labels for p in predictions] == [True] * 3
+    assert abs(sum(predictions[0].scores.values()) - 1.0) < 1e-4
+    assert student.version == "bag-test" and elapsed_ms >= 0
+
+
+@pytest.mark.parametrize("missing", REQUIRED_FILES)
+def test_model_directory_missing_a_file_is_refused(tmp_path: Path, missing: str) -> None:
+    directory = _model_dir(tmp_path)
+    (directory / missing).unlink()
+    with pytest.raises(ModelError, match=f"lacks {missing}"):
+        Student(directory)
+
+
+def test_model_directory_with_wrong_label_count_is_refused(tmp_path: Path) -> None:
+    directory = _model_dir(tmp_path)
+    (directory / "labels.json").write_text(json.dumps(["A", "B"]))
+    with pytest.raises(ModelError, match="outputs 3 logits"):
+        Student(directory)
+    shutil.rmtree(directory)

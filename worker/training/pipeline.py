@@ -1,0 +1,182 @@
+"""`intent-worker train`: dataset -> pruned vocabulary -> student -> ONNX FP32 + INT8 -> model dir.
+
+The model directory holds ``model.onnx`` (INT8, what the worker serves), ``tokenizer.json``,
+``labels.json`` and ``card.json``; the float export stays beside it as ``fp32.onnx`` (not
+committed). The INT8 model ships only if it agrees with the float one on at least
+``min_int8_agreement`` of the parity texts; otherwise ``model.onnx`` is the float model and
+the card says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from tokenizers import Tokenizer
+
+from worker.corpus import LabelledSet
+from worker.dataset import dataset_labels, read_manifest
+from worker.training.distil import Example, TrainConfig, _bucket, stream_examples, train_student
+from worker.training.export import export_onnx, quantise_static, verify_parity
+from worker.training.students import StudentConfig, initial_embeddings
+from worker.training.vocab import count_pieces, prune
+
+log = structlog.get_logger(__name__)
+
+MIN_INT8_AGREEMENT = 0.995
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    arch: str
+    out: Path
+    datasets: tuple[Path, ...] = ()
+    labelled: LabelledSet | None = None  # the supervised baseline trains on gold labels
+    labels: tuple[str, ...] = ()
+    filters: int = 500
+    kernel_sizes: tuple[int, ...] = (2, 3, 4, 5, 6)
+    embedding_dim: int = 384
+    bag_hidden: int = 256
+    min_count: int = 1
+    parity_texts: tuple[str, ...] = ()
+    command: str = ""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _labelled_examples(
+    data: LabelledSet, labels: Sequence[str], part: str, config: TrainConfig
+) -> Iterator[Example]:
+    gold = data.gold(labels)
+    for i, row_id in enumerate(data.ids):
+        bucket = _bucket(row_id)
+        if (part == "valid") != (bucket < config.valid_fraction):
+            continue
+        if (
+            part == "train"
+            and (bucket - config.valid_fraction) / (1 - config.valid_fraction) >= config.fraction
+        ):
+            continue
+        yield Example(data.texts[i], int(gold[i]), data.locales[i])
+
+
+def train_model_dir(
+    request: TrainRequest, teacher_tokenizer: Tokenizer, e5: Any, teacher_id: str
+) -> dict[str, Any]:
+    """Run the whole pipeline; returns the card written to ``request.out/card.json``."""
+    config = request.train
+    if request.labelled is not None:
+        labels = request.labels
+        config = replace(config, objective="ce")
+        data = request.labelled
+
+        def source(part: str) -> Any:
+            return lambda: _labelled_examples(data, labels, part, config)
+    else:
+        labels = dataset_labels(request.datasets[0])
+        for directory in request.datasets[1:]:
+            if dataset_labels(directory) != labels:
+                raise ValueError(f"{directory} has labels {dataset_labels(directory)}, not {labels}")
+
+        def source(part: str) -> Any:
+            return lambda: stream_examples(request.datasets, part, config)
+
+    train_source, valid_source = source("train"), source("valid")
+    counts = count_pieces(teacher_tokenizer, (e.text for e in train_source()))
+    tokenizer, vocab = prune(teacher_tokenizer, counts, request.min_count)
+    rows = vocab.teacher_ids[vocab.teacher_ids >= 0]
+    teacher_rows = e5.tensor("emb.word", rows=rows)
+    embeddings = initial_embeddings(teacher_rows, vocab.teacher_ids, config.seed)
+    if request.embedding_dim != embeddings.shape[1]:
+        # Project to a smaller width with PCA, keeping the teacher's geometry.
+        centred = embeddings - embeddings.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred[vocab.teacher_ids >= 0], full_matrices=False)
+        embeddings = (centred @ vt[: request.embedding_dim].T).astype(np.float32)
+        embeddings[0] = 0.0
+    student_config = StudentConfig(
+        arch=request.arch,
+        vocab_size=len(vocab),
+        n_labels=len(labels),
+        embedding_dim=embeddings.shape[1],
+        kernel_sizes=request.kernel_sizes,
+        filters=request.filters,
+        bag_hidden=request.bag_hidden,
+    )
+    log.info("training_started", arch=request.arch, vocab=len(vocab), objective=config.objective)
+    result = train_student(student_config, embeddings, tokenizer, train_source, valid_source, config)
+
+    out = request.out
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tokenizer.save(str(staging / "tokenizer.json"))
+    (staging / "labels.json").write_text(json.dumps(list(labels)) + "\n")
+    fp32 = export_onnx(result.model, staging / "fp32.onnx")
+    int8 = staging / "int8.onnx"
+    calibration = [e.text for _, e in zip(range(512), train_source(), strict=False)]
+    quantise_static(fp32, int8, tokenizer, calibration, config.max_length)
+    parity_texts = list(request.parity_texts) or [e.text for e in valid_source()]
+    parity = verify_parity(fp32, int8, tokenizer, parity_texts, config.max_length)
+    ship_int8 = parity["label_agreement"] >= MIN_INT8_AGREEMENT
+    shutil.copy(int8 if ship_int8 else fp32, staging / "model.onnx")
+    int8.unlink()
+    digest = hashlib.sha256((staging / "model.onnx").read_bytes()).hexdigest()
+    locales: dict[str, int] = {}
+    for example in train_source():
+        locales[example.locale] = locales.get(example.locale, 0) + 1
+    card: dict[str, Any] = {
+        "version": f"{request.arch}-{digest[:10]}",
+        "architecture": student_config.to_json(),
+        "objective": "cross-entropy on gold labels (S_sup)"
+        if config.objective == "ce"
+        else "MSE between student and teacher logits",
+        "teacher": teacher_id,
+        "labels": list(labels),
+        "vocabulary": {
+            "size": len(vocab),
+            "kept_teacher_pieces": int((vocab.teacher_ids >= 0).sum()),
+            "byte_fallback": True,
+            "min_count": request.min_count,
+        },
+        "data": {
+            "datasets": [
+                {"path": str(d), "dataset_version": read_manifest(d)["dataset_version"]}
+                for d in request.datasets
+            ],
+            "labelled_rows": len(request.labelled) if request.labelled is not None else None,
+            "train_rows": result.train_rows,
+            "valid_rows": result.valid_rows,
+            "train_rows_per_locale": locales,
+        },
+        "training": {
+            **{k: v for k, v in config.__dict__.items()},
+            "best_epoch": result.best_epoch,
+            "seconds": round(result.seconds, 1),
+            "history": result.history,
+        },
+        "int8": {
+            "quantisation": "static QDQ, per-channel INT8 weights, UINT8 activations, 512 calibration texts",
+            "parity": parity,
+            "min_agreement": MIN_INT8_AGREEMENT,
+            "shipped": ship_int8,
+        },
+        "sizes_bytes": {
+            "model.onnx": (staging / "model.onnx").stat().st_size,
+            "fp32.onnx": fp32.stat().st_size,
+        },
+        "sha256": {"model.onnx": digest},
+        "command": request.command,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return card
