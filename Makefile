@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHARED_DATA ?= ../shared/data
+DATASET ?= .cache/datasets/dev
+STUDENTS ?= build/students
 
 .DEFAULT_GOAL := help
 
@@ -14,10 +16,10 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[teacher,dev]'
+	$(BIN)/pip install --quiet -e '.[teacher,services,train,dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## Create .venv and install the package with the teacher and dev extras
+setup: $(STAMP) ## Create .venv and install the package with every extra (teacher, services, train, dev)
 
 run: setup ## Run the main job on embedded defaults (today: build the embedded teacher; see README status)
 	$(BIN)/intent-worker teacher build
@@ -41,10 +43,21 @@ teacher-build: setup ## Build (or verify) the cached teacher encoder
 teacher-eval: setup ## Evaluate the teacher on the MASSIVE and xSID validation splits
 	$(BIN)/intent-worker teacher eval --split validation --data $(SHARED_DATA)/massive/*.jsonl $(SHARED_DATA)/xsid/*.jsonl
 
+corpus: setup ## Label MASSIVE train + Tatoeba with the teacher into $(DATASET)
+	$(BIN)/intent-worker corpus build --out $(DATASET)
+
+student: corpus ## Reproduce the shipped student in models/student (INT8 CNN)
+	$(BIN)/intent-worker train --arch cnn $(STUDENT_ARGS) --data $(DATASET) --out models/student
+	rm -f models/student/fp32.onnx
+
+students: corpus ## Train every student of the comparison into $(STUDENTS)
+	bash benchmarks/train_students.sh $(DATASET) $(STUDENTS)
+
 bench: setup ## Run the benchmarks; results go to benchmarks/results/
 	$(BIN)/python benchmarks/teacher.py
+	$(BIN)/python benchmarks/students.py --models $(STUDENTS)
 
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval bench clean
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus student students bench clean

@@ -192,7 +192,8 @@ def main() -> None:
     int8_graph = int8_variant(graph, settings.cache_dir)
     int8 = OnnxTeacher(
         OnnxSequenceModel(int8_graph, files.tokenizer, output="logits", threads=2, prefix=E5_PREFIX),
-        teacher.labels, "int8",
+        teacher.labels,
+        "int8",
     )
     mapping = shared_mapping(shared)
     deltas = {}
@@ -211,7 +212,9 @@ def main() -> None:
         "size_mb": round(int8_graph.stat().st_size / 1e6, 1),
         "fp32_size_mb": round((files.directory / "encoder.weights").stat().st_size / 1e6, 1),
         "quality": deltas,
-        "speed": {f"{t}_thread": speed(int8_graph, files.tokenizer, speed_texts, t, teacher.labels) for t in (1, 2)},
+        "speed": {
+            f"{t}_thread": speed(int8_graph, files.tokenizer, speed_texts, t, teacher.labels) for t in (1, 2)
+        },
     }
 
     print("edge cases ...", flush=True)

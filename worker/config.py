@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.topics import DEFAULT_REDIS_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models"
+RUN_DIR = REPO_ROOT / ".run"
 
 
 def _default_cache_dir() -> Path:
@@ -38,4 +41,87 @@ class Settings(BaseSettings):
     )
     shared_data_dir: Path = Field(
         default=REPO_ROOT.parent / "shared" / "data", description="Development data sets (read in place)."
+    )
+
+    # Services. Unset means: start the embedded one (Tansu, valkey-server) on loopback.
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="Kafka bootstrap servers (host:port,...); unset starts the embedded Tansu broker.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL (redis://host:port/db), without the password; unset starts an embedded valkey-server.",
+    )
+    redis_password: SecretStr | None = Field(
+        default=None, description="Redis password, if any (never logged)."
+    )
+    run_dir: Path = Field(
+        default=RUN_DIR, description="Logs and data of the embedded services started by this process."
+    )
+    redis_appendonly: bool = Field(
+        default=False,
+        description="Embedded Redis: persist with appendonly + fsync every second (else memory only).",
+    )
+    service_start_timeout_s: float = Field(
+        default=15.0, gt=0, description="How long to wait for an embedded service to become ready."
+    )
+    redis_key_prefix: str = Field(
+        default=DEFAULT_REDIS_PREFIX,
+        min_length=1,
+        description="Namespace of every Redis key the worker writes.",
+    )
+
+    # Inputs and dead letters.
+    max_text_chars: int = Field(
+        default=10_000, ge=1, description="Longest utterance text accepted; longer ones are dead-lettered."
+    )
+    dlq_max_original_bytes: int = Field(
+        default=512 * 1024,
+        ge=0,
+        description="Original bytes kept in a dead letter (base64 grows them by 4/3); longer ones are truncated.",
+    )
+
+    # The sampled buffer in Redis.
+    buffer_maxlen: int = Field(
+        default=50_000, ge=1, description="Approximate length cap of the Redis buffer stream (XADD MAXLEN ~)."
+    )
+    sample_rate: float = Field(
+        default=0.1, gt=0, le=1, description="Highest inclusion probability of an utterance in its stratum."
+    )
+    sample_budget_per_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="Samples per second across all strata, shared equally by the active (locale, label) strata.",
+    )
+    sample_uncertain_margin: float = Field(
+        default=0.2, ge=0, le=1, description="Top-2 probability margin below which a prediction is uncertain."
+    )
+    sample_uncertain_rate: float = Field(
+        default=0.5, ge=0, le=1, description="Highest extra inclusion probability of an uncertain prediction."
+    )
+    sample_uncertain_budget_per_s: float = Field(
+        default=10.0, ge=0, description="Extra samples per second for uncertain predictions."
+    )
+    sample_rate_window_s: float = Field(
+        default=60.0, gt=0, description="Time constant of the per-stratum arrival-rate estimate."
+    )
+    sample_dedup_window_s: float = Field(
+        default=3600.0, ge=0, description="A normalised text is sampled at most once in this window (0: off)."
+    )
+    sample_dedup_max_entries: int = Field(
+        default=100_000, ge=1, description="Memory bound of the in-process duplicate filter."
+    )
+    sample_dedup_in_redis: bool = Field(
+        default=True, description="Also suppress duplicates across workers with Redis keys (SET NX EX)."
+    )
+    redis_timeout_s: float = Field(
+        default=0.1,
+        gt=0,
+        description="Longest a buffer write may hold up the worker; then samples are dropped.",
+    )
+    redis_breaker_failures: int = Field(
+        default=3, ge=1, description="Consecutive Redis failures that open the circuit breaker."
+    )
+    redis_breaker_cooldown_s: float = Field(
+        default=5.0, gt=0, description="How long an open breaker drops samples before trying Redis again."
     )

@@ -38,7 +38,9 @@ class Prediction:
 class Student:
     """A loaded student: tokenizer + ONNX session + label list + card."""
 
-    def __init__(self, directory: Path, *, threads: int = 1, max_length: int = 128) -> None:
+    def __init__(
+        self, directory: Path, *, threads: int = 1, max_length: int = 128, model_file: str = "model.onnx"
+    ) -> None:
         missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
         if missing:
             raise ModelError(f"model directory {directory} lacks {', '.join(missing)}")
@@ -51,7 +53,7 @@ class Student:
         try:
             self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
             self._session = ort.InferenceSession(
-                str(directory / "model.onnx"), session_options(threads), providers=["CPUExecutionProvider"]
+                str(directory / model_file), session_options(threads), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime and tokenizers raise bare RuntimeErrors
             raise ModelError(f"cannot load student {directory}: {exc}") from exc

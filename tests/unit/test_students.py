@@ -10,18 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from tokenizers import Tokenizer
 
-torch = pytest.importorskip("torch", reason="the students need the 'train' extra")
-
-from tokenizers import Tokenizer  # noqa: E402
-
-from worker.errors import ModelError  # noqa: E402
-from worker.inference import REQUIRED_FILES, Student, classify  # noqa: E402
-from worker.teacher.e5format import E5File, default_weights_path  # noqa: E402
-from worker.teacher.tokenizer import build_tokenizer  # noqa: E402
-from worker.training.export import export_onnx, quantise_static, run_logits, verify_parity  # noqa: E402
-from worker.training.students import StudentConfig, build_student, initial_embeddings  # noqa: E402
-from worker.training.vocab import BYTE_PIECES, FIRST_PIECE_ID, count_pieces, prune  # noqa: E402
+from worker.errors import ModelError
+from worker.inference import REQUIRED_FILES, Student, classify
+from worker.teacher.e5format import E5File, default_weights_path
+from worker.teacher.tokenizer import build_tokenizer
+from worker.training.export import export_onnx, quantise_static, run_logits, verify_parity
+from worker.training.students import StudentConfig, build_student, initial_embeddings
+from worker.training.vocab import BYTE_PIECES, FIRST_PIECE_ID, count_pieces, prune
 
 CORPUS = [
     "set an alarm for seven",

@@ -54,9 +54,14 @@ class Example:
     locale: str
 
 
-def _bucket(row_id: str) -> float:
-    """A stable number in [0, 1) from a row id."""
-    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "big") / 2**64
+def split_bucket(row_id: str) -> float:
+    """A stable number in [0, 1) from a row id.
+
+    Only the part before a ``:`` counts, so a text and its translation (``id`` and
+    ``id:en``) always fall in the same split.
+    """
+    key = row_id.split(":", 1)[0]
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
 
 
 def stream_examples(datasets: Sequence[Path], part: str, config: TrainConfig) -> Iterator[Example]:
@@ -64,7 +69,7 @@ def stream_examples(datasets: Sequence[Path], part: str, config: TrainConfig) ->
     for directory in datasets:
         for batch in iter_batches(directory):
             for i, row_id in enumerate(batch.ids):
-                bucket = _bucket(row_id)
+                bucket = split_bucket(row_id)
                 is_valid = bucket < config.valid_fraction
                 if (part == "valid") != is_valid:
                     continue

