@@ -47,7 +47,7 @@ corpus: setup ## Label MASSIVE train + Tatoeba with the teacher into $(DATASET)
 	$(BIN)/intent-worker corpus build --out $(DATASET)
 
 student: corpus ## Reproduce the shipped student in models/student (INT8 CNN)
-	$(BIN)/intent-worker train --arch cnn $(STUDENT_ARGS) --data $(DATASET) --out models/student
+	$(BIN)/intent-worker train --arch cnn --filters 128 --min-count 2 --epochs 30 --data $(DATASET) --out models/student
 	rm -f models/student/fp32.onnx
 
 students: corpus ## Train every student of the comparison into $(STUDENTS)

@@ -66,7 +66,6 @@ def main() -> None:
         for name, files in (("massive", massive_files(shared)), ("xsid", xsid_files(shared)))
     }
     texts = sets["massive"].texts + sets["xsid"].texts
-    locales = sets["massive"].locales + sets["xsid"].locales
     gold = np.concatenate([sets["massive"].gold(labels), sets["xsid"].gold(labels)])
     groups = [f"massive/{loc}" for loc in sets["massive"].locales] + [
         f"xsid/{loc}" for loc in sets["xsid"].locales
@@ -160,8 +159,10 @@ def main() -> None:
                 }
             )
             per_locale[f"{directory.name}/{variant}"] = evaluation.to_json(report)
+    curve = volume_curve(rows)
     result = {
         "machine": machine(),
+        "volume_curve": curve,
         "teacher": teacher.identity,
         "validation_n": len(texts),
         "speed_texts": len(speed_texts),
@@ -187,19 +188,37 @@ def main() -> None:
                 **r,
             )
         )  # type: ignore[index]
+    lines += ["", "Data-volume curve (cnn, fp32 export, same recipe on a share of the corpus):", "",
+              "| share | train rows | agree | PR-BEP gap | PR-AUC gap | KL |", "|---|---|---|---|---|---|"]
+    for c in curve:
+        lines.append("| {share:.0%} | {train_rows} | {agree:.1f} | {bep:+.2f} | {auc:+.2f} | {kl:.4f} |".format(
+            agree=100 * c["agreement"], bep=100 * c["pr_bep_gap"], auc=100 * c["pr_auc_gap"], **c))
     (RESULTS / "students.md").write_text("\n".join(lines) + "\n")
-    plot(rows, RESULTS / "students.png")
+    plot(rows, curve, RESULTS / "students.png")
     print("\n".join(lines))
     print(f"wrote {path}")
 
 
-def plot(rows: list[dict[str, object]], path: Path) -> None:
+def volume_curve(rows: list[dict[str, object]]) -> list[dict[str, float]]:
+    """The cnn rows trained on a share of the corpus (fp32 export), smallest share first."""
+    curve = []
+    for r in rows:
+        name = str(r["model"])
+        if r["variant"] != "fp32" or not (name == "cnn" or name.startswith("cnn-frac")):
+            continue
+        share = 1.0 if name == "cnn" else float(name.removeprefix("cnn-frac"))
+        curve.append({"share": share, "train_rows": r["train_rows"], "agreement": r["agreement"],
+                      "pr_bep_gap": r["pr_bep_gap"], "pr_auc_gap": r["pr_auc_gap"], "kl": r["kl"]})
+    return sorted(curve, key=lambda c: c["share"])  # type: ignore[arg-type,return-value]
+
+
+def plot(rows: list[dict[str, object]], curve: list[dict[str, float]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for r in rows:
         x, y = float(r["p50_ms"]), 100 * float(r["agreement"])  # type: ignore[arg-type]
         ax.scatter(x, y, s=40)
@@ -211,6 +230,15 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
     ax.set_ylabel("label agreement with the teacher, % (validation)")
     ax.set_title("Students: speed / agreement frontier")
     ax.grid(True, which="both", alpha=0.3)
+    if curve:
+        shares = [100 * c["share"] for c in curve]
+        ax2.plot(shares, [100 * (1 - c["agreement"]) for c in curve], "o-", label="disagreement with teacher, %")
+        ax2.plot(shares, [100 * c["pr_bep_gap"] for c in curve], "s-", label="PR-BEP gap, points")
+        ax2.plot(shares, [100 * c["kl"] for c in curve], "^-", label="KL(teacher||student) x 100")
+        ax2.set_xlabel("share of the distillation corpus, %")
+        ax2.set_title("Student-teacher gap against data volume (cnn)")
+        ax2.legend()
+        ax2.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

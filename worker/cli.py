@@ -7,18 +7,25 @@ logging are fixed here, once, before any model loads.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
+import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from worker.config import Settings
 from worker.errors import WorkerError
 from worker.logging import configure_logging
+
+if TYPE_CHECKING:
+    from worker.client import Outgoing
 
 
 def _teacher_build(settings: Settings, args: argparse.Namespace) -> int:
@@ -96,6 +103,13 @@ def _corpus_build(settings: Settings, args: argparse.Namespace) -> int:
     teacher = load_teacher(settings)
     writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels)
     rows = list(rows_from_files(paths, split=args.split, with_translations=not args.no_translations))
+    if args.augment:
+        from worker.augment import augment
+
+        donors: dict[str, list[str]] = {}
+        for row in rows:
+            donors.setdefault(row.locale, []).append(row.text)
+        rows = list(augment(rows, donors, per_row=args.augment, seed=0))
     with tqdm(total=len(rows), unit="utt", desc="labelling", disable=args.quiet) as bar:
         n = label_rows(teacher, rows, writer, progress=bar.update)
     print(f"{n} rows in {args.out} (dataset version {writer.manifest['dataset_version']})")
@@ -165,6 +179,122 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    """Embedded services when not configured, the topics, then the Faust worker until SIGTERM."""
+    # Before the student loads: the tokenizer's thread pool reads this once.
+    os.environ.setdefault("RAYON_NUM_THREADS", str(settings.inference_threads))
+    from worker.app import build_worker, resolve_web_port, run_worker
+    from worker.inference import Student
+    from worker.services import RunState, create_topics, ensure_services, redact_url
+    from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
+
+    student = Student(settings.student_dir, threads=settings.inference_threads)  # fail before starting anything
+    partitions = args.partitions or settings.topic_partitions
+    loop = asyncio.new_event_loop()  # faust's worker runs on this loop too
+    asyncio.set_event_loop(loop)
+    try:
+        with ensure_services(settings) as services:
+            loop.run_until_complete(
+                create_topics(services.kafka_bootstrap, dict.fromkeys((UTTERANCES, INTENTS, DEAD_LETTERS), partitions))
+            )
+            worker = build_worker(
+                settings,
+                kafka_bootstrap=services.kafka_bootstrap,
+                redis_url=services.redis_url,
+                student=student,
+                web_port=resolve_web_port(settings),
+            )
+            state = RunState(services.kafka_bootstrap, redact_url(services.redis_url), worker.web_url, os.getpid())
+            state_path = state.write(settings.run_dir)
+            for service in services.embedded:
+                _say(f"{service.name:<7} {service.address}  (embedded; log {service.log_path})")
+            if not services.embedded:
+                _say(f"kafka   {services.kafka_bootstrap}, redis {redact_url(services.redis_url)} (configured)")
+            _say(f"worker  group {settings.consumer_group!r}, student {student.version} ({settings.student_dir})")
+            _say(f"web     {worker.web_url}/metrics  {worker.web_url}/health")
+            _say(f"logs    worker: this terminal (stderr); addresses for send/tail/replay: {state_path}")
+            _say('try     intent-worker send "set an alarm for 7am" --locale en   and   intent-worker tail')
+            try:
+                return run_worker(worker, json_logs=args.log_json, log_level=args.log_level, loop=loop)
+            finally:
+                state.clear(settings.run_dir)
+    finally:
+        if not loop.is_closed():
+            loop.close()
+
+
+def _say(line: str) -> None:
+    print(f"intent-worker: {line}", file=sys.stderr, flush=True)
+
+
+def _input_lines(args: argparse.Namespace) -> list[str]:
+    if args.texts:
+        return list(args.texts)
+    if args.file and args.file != "-":
+        return Path(args.file).read_text(encoding="utf-8").splitlines()
+    return sys.stdin.read().splitlines()
+
+
+def _send(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.client import outgoing_from_lines, send_all
+    from worker.services import find_kafka
+
+    bootstrap = find_kafka(settings)
+    messages = list(outgoing_from_lines(_input_lines(args), locale=args.locale))
+    if not messages:
+        raise WorkerError("nothing to send: give texts, --file FILE, or lines on stdin")
+    sent = asyncio.run(send_all(bootstrap, messages))
+    for message in messages:
+        print(message.key.decode("utf-8"))
+    _say(f"sent {sent} utterance(s) to {bootstrap}")
+    return 0
+
+
+def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.client import outgoing_from_lines, send_all
+    from worker.services import find_kafka
+
+    bootstrap = find_kafka(settings)
+    lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+
+    def messages() -> Iterator[Outgoing]:
+        produced = 0
+        for round_ in range(args.repeat):
+            suffix = f"#{round_}" if args.repeat > 1 else ""
+            for message in outgoing_from_lines(lines, locale=args.locale, suffix=suffix):
+                if args.limit is not None and produced >= args.limit:
+                    return
+                produced += 1
+                yield message
+
+    started = time.perf_counter()
+    sent = asyncio.run(send_all(bootstrap, messages(), rate=args.rate))
+    elapsed = time.perf_counter() - started
+    _say(f"replayed {sent} utterance(s) in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s) to {bootstrap}")
+    return 0
+
+
+def _tail(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.client import describe, follow_intents
+    from worker.schemas import Intent
+    from worker.services import find_kafka
+
+    bootstrap = find_kafka(settings)
+
+    def show(intent: Intent, text: str | None, raw: bytes) -> None:
+        print(raw.decode("utf-8") if args.json else describe(intent, text), flush=True)
+
+    if not args.quiet:
+        _say(f"labels from {bootstrap} (id, label, top score, locale, model, text); Ctrl-C stops")
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a person stops tail
+        asyncio.run(
+            follow_intents(
+                bootstrap, show, from_beginning=args.from_beginning, count=args.count, timeout_s=args.timeout
+            )
+        )
+    return 0
+
+
 def _command_line() -> str:
     return "intent-worker " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -201,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cb.add_argument("--split", default="train", help="rows of this split; rows without a split always count")
     cb.add_argument("--no-translations", action="store_true", help="skip the 'en' field of translation pairs")
+    cb.add_argument("--augment", type=int, default=0, metavar="K",
+                    help="write K augmented variants per row (case/punctuation, code-switching) instead of the rows")
     cb.add_argument("--quiet", action="store_true")
     cb.set_defaults(handler=_corpus_build)
 
@@ -226,6 +358,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(handler=_train)
+
+    run = commands.add_parser(
+        "run", help="run the streaming worker (embedded Kafka and Redis unless INTENT_KAFKA_BOOTSTRAP/REDIS_URL)"
+    )
+    run.add_argument(
+        "--partitions", type=int, default=None, help="partitions of the topics it creates (INTENT_TOPIC_PARTITIONS)"
+    )
+    run.set_defaults(handler=_run, timing=False)
+    send = commands.add_parser("send", help="send utterances: texts, --file FILE (JSONL or lines), or stdin")
+    send.add_argument("texts", nargs="*", help="utterance texts (none: read --file or stdin)")
+    send.add_argument("--file", help="JSONL or one text per line; '-' is stdin")
+    send.add_argument("--locale", default=None, help="locale of texts that do not carry one (en, fr-FR, ...)")
+    send.set_defaults(handler=_send, timing=False)
+    replay = commands.add_parser("replay", help="push a JSONL (or text) data set through at a given rate")
+    replay.add_argument("file", help="JSONL (utterance objects) or one text per line")
+    replay.add_argument("--rate", type=float, default=0.0, help="utterances per second; 0: as fast as possible")
+    replay.add_argument("--limit", type=int, default=None, help="send at most this many")
+    replay.add_argument("--repeat", type=int, default=1, help="go through the file this many times (ids get #k)")
+    replay.add_argument("--locale", default=None, help="locale of records that do not carry one")
+    replay.set_defaults(handler=_replay, timing=False)
+    tail = commands.add_parser("tail", help="print labels as they arrive on the intents topic")
+    tail.add_argument("--from-beginning", action="store_true", help="start at the oldest label, not the newest")
+    tail.add_argument("--count", type=int, default=None, help="stop after this many labels")
+    tail.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    tail.add_argument("--json", action="store_true", help="print each intent.v1 record as JSON")
+    tail.add_argument("--quiet", action="store_true", help="no header line")
+    tail.set_defaults(handler=_tail, timing=False)
     return parser
 
 
@@ -239,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerError as exc:
         print(f"intent-worker: error: {exc}", file=sys.stderr)
         return 2
-    if not getattr(args, "quiet", False):
+    if getattr(args, "timing", True) and not getattr(args, "quiet", False):
         print(f"done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return code
 

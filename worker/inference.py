@@ -110,3 +110,21 @@ def classify(texts: Sequence[str], student: Student) -> tuple[list[Prediction], 
     values = student.logits(texts)
     elapsed_ms = (time.perf_counter() - started) * 1000
     return predictions(student.labels, values), elapsed_ms
+
+
+def classify_chunked(texts: Sequence[str], student: Student, rows: int) -> tuple[list[Prediction], float]:
+    """:func:`classify`, run ``rows`` texts at a time in order of length; same predictions, same order.
+
+    Each onnxruntime call pads to its longest text, so similar lengths waste less, and the
+    measured CPU student runs ~1.5x faster in chunks of 32 than in one batch of 256.
+    """
+    started = time.perf_counter()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    chunks = [
+        student.logits([texts[i] for i in order[start : start + rows]]) for start in range(0, len(order), rows)
+    ]
+    values = np.concatenate(chunks) if chunks else np.zeros((0, len(student.labels)), np.float32)
+    restored = np.empty_like(values)
+    restored[np.asarray(order, dtype=np.int64)] = values
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    return predictions(student.labels, restored), elapsed_ms

@@ -108,15 +108,26 @@ def encode(tokenizer: Tokenizer, texts: list[str], max_length: int) -> tuple[Any
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def _batches(examples: Iterator[Example], size: int) -> Iterator[list[Example]]:
-    batch: list[Example] = []
+def _batches(examples: Iterator[Example], size: int, rng: random.Random | None = None) -> Iterator[list[Example]]:
+    """Batches of ``size``. With ``rng``, rows are bucketed by length within windows of 32
+    batches and the batches shuffled, which cuts padding without ordering the epoch."""
+    window = size * 32 if rng is not None else size
+    pending: list[Example] = []
+
+    def flush() -> Iterator[list[Example]]:
+        rows = sorted(pending, key=lambda e: len(e.text)) if rng is not None else pending
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        if rng is not None:
+            rng.shuffle(chunks)
+        yield from chunks
+
     for example in examples:
-        batch.append(example)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        pending.append(example)
+        if len(pending) == window:
+            yield from flush()
+            pending = []
+    if pending:
+        yield from flush()
 
 
 @dataclass
@@ -171,7 +182,8 @@ def train_student(
     for epoch in range(1, config.epochs + 1):
         model.train()
         total, count = 0.0, 0
-        for batch in _batches(shuffled(iter(train_source()), config.shuffle_buffer, rng), config.batch_size):
+        stream = shuffled(iter(train_source()), config.shuffle_buffer, rng)
+        for batch in _batches(stream, config.batch_size, rng):
             step += 1
             for group in optimiser.param_groups:
                 group["lr"] = config.learning_rate * min(1.0, step / warmup_steps)
