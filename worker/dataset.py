@@ -111,6 +111,7 @@ def _sha256(path: Path) -> str:
 
 def _atomic_write(path: Path, payload: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; datasets are shared with other jobs
     with os.fdopen(fd, "wb") as fh:
         fh.write(payload)
         fh.flush()
@@ -175,6 +176,7 @@ class DatasetWriter:
             return path
         now = time.time()
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".shard-{name}.")
+        os.fchmod(fd, 0o644)
         os.close(fd)
         pq.write_table(rows.table(now), tmp, compression="zstd")
         with open(tmp, "rb") as fh:
