@@ -21,9 +21,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create .venv and install the package with every extra (teacher, services, train, dev)
 
-run: setup ## Run the main job on embedded defaults (today: build the embedded teacher; see README status)
-	$(BIN)/intent-worker teacher build
-	@echo "The streaming worker is not built yet (issue 4); the teacher is ready: see 'make teacher-eval'."
+run: setup ## Run the worker on embedded Kafka + Redis; then `intent-worker send` / `tail` in other shells
+	$(BIN)/intent-worker run
 
 test: setup ## Set up and run the whole test suite
 	$(BIN)/python -m pytest -q
@@ -57,7 +56,10 @@ bench: setup ## Run the benchmarks; results go to benchmarks/results/
 	$(BIN)/python benchmarks/teacher.py
 	$(BIN)/python benchmarks/students.py --models $(STUDENTS)
 
+bench-worker: setup ## Worker throughput vs the raw forward ceiling; writes benchmarks/results/worker.json
+	$(BIN)/python benchmarks/worker.py
+
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus student students bench clean
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus student students bench bench-worker clean

@@ -188,14 +188,18 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     from worker.services import RunState, create_topics, ensure_services, redact_url
     from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
 
-    student = Student(settings.student_dir, threads=settings.inference_threads)  # fail before starting anything
+    student = Student(
+        settings.student_dir, threads=settings.inference_threads
+    )  # fail before starting anything
     partitions = args.partitions or settings.topic_partitions
     loop = asyncio.new_event_loop()  # faust's worker runs on this loop too
     asyncio.set_event_loop(loop)
     try:
         with ensure_services(settings) as services:
             loop.run_until_complete(
-                create_topics(services.kafka_bootstrap, dict.fromkeys((UTTERANCES, INTENTS, DEAD_LETTERS), partitions))
+                create_topics(
+                    services.kafka_bootstrap, dict.fromkeys((UTTERANCES, INTENTS, DEAD_LETTERS), partitions)
+                )
             )
             worker = build_worker(
                 settings,
@@ -204,13 +208,19 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
                 student=student,
                 web_port=resolve_web_port(settings),
             )
-            state = RunState(services.kafka_bootstrap, redact_url(services.redis_url), worker.web_url, os.getpid())
+            state = RunState(
+                services.kafka_bootstrap, redact_url(services.redis_url), worker.web_url, os.getpid()
+            )
             state_path = state.write(settings.run_dir)
             for service in services.embedded:
                 _say(f"{service.name:<7} {service.address}  (embedded; log {service.log_path})")
             if not services.embedded:
-                _say(f"kafka   {services.kafka_bootstrap}, redis {redact_url(services.redis_url)} (configured)")
-            _say(f"worker  group {settings.consumer_group!r}, student {student.version} ({settings.student_dir})")
+                _say(
+                    f"kafka   {services.kafka_bootstrap}, redis {redact_url(services.redis_url)} (configured)"
+                )
+            _say(
+                f"worker  group {settings.consumer_group!r}, student {student.version} ({settings.student_dir})"
+            )
             _say(f"web     {worker.web_url}/metrics  {worker.web_url}/health")
             _say(f"logs    worker: this terminal (stderr); addresses for send/tail/replay: {state_path}")
             _say('try     intent-worker send "set an alarm for 7am" --locale en   and   intent-worker tail')
@@ -270,7 +280,9 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     sent = asyncio.run(send_all(bootstrap, messages(), rate=args.rate))
     elapsed = time.perf_counter() - started
-    _say(f"replayed {sent} utterance(s) in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s) to {bootstrap}")
+    _say(
+        f"replayed {sent} utterance(s) in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s) to {bootstrap}"
+    )
     return 0
 
 
@@ -331,8 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cb.add_argument("--split", default="train", help="rows of this split; rows without a split always count")
     cb.add_argument("--no-translations", action="store_true", help="skip the 'en' field of translation pairs")
-    cb.add_argument("--augment", type=int, default=0, metavar="K",
-                    help="write K augmented variants per row (case/punctuation, code-switching) instead of the rows")
+    cb.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        metavar="K",
+        help="write K augmented variants per row (case/punctuation, code-switching) instead of the rows",
+    )
     cb.add_argument("--quiet", action="store_true")
     cb.set_defaults(handler=_corpus_build)
 
@@ -360,10 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     run = commands.add_parser(
-        "run", help="run the streaming worker (embedded Kafka and Redis unless INTENT_KAFKA_BOOTSTRAP/REDIS_URL)"
+        "run",
+        help="run the streaming worker (embedded Kafka and Redis unless INTENT_KAFKA_BOOTSTRAP/REDIS_URL)",
     )
     run.add_argument(
-        "--partitions", type=int, default=None, help="partitions of the topics it creates (INTENT_TOPIC_PARTITIONS)"
+        "--partitions",
+        type=int,
+        default=None,
+        help="partitions of the topics it creates (INTENT_TOPIC_PARTITIONS)",
     )
     run.set_defaults(handler=_run, timing=False)
     send = commands.add_parser("send", help="send utterances: texts, --file FILE (JSONL or lines), or stdin")
@@ -373,13 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
     send.set_defaults(handler=_send, timing=False)
     replay = commands.add_parser("replay", help="push a JSONL (or text) data set through at a given rate")
     replay.add_argument("file", help="JSONL (utterance objects) or one text per line")
-    replay.add_argument("--rate", type=float, default=0.0, help="utterances per second; 0: as fast as possible")
+    replay.add_argument(
+        "--rate", type=float, default=0.0, help="utterances per second; 0: as fast as possible"
+    )
     replay.add_argument("--limit", type=int, default=None, help="send at most this many")
-    replay.add_argument("--repeat", type=int, default=1, help="go through the file this many times (ids get #k)")
+    replay.add_argument(
+        "--repeat", type=int, default=1, help="go through the file this many times (ids get #k)"
+    )
     replay.add_argument("--locale", default=None, help="locale of records that do not carry one")
     replay.set_defaults(handler=_replay, timing=False)
     tail = commands.add_parser("tail", help="print labels as they arrive on the intents topic")
-    tail.add_argument("--from-beginning", action="store_true", help="start at the oldest label, not the newest")
+    tail.add_argument(
+        "--from-beginning", action="store_true", help="start at the oldest label, not the newest"
+    )
     tail.add_argument("--count", type=int, default=None, help="stop after this many labels")
     tail.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     tail.add_argument("--json", action="store_true", help="print each intent.v1 record as JSON")

@@ -125,3 +125,69 @@ class Settings(BaseSettings):
     redis_breaker_cooldown_s: float = Field(
         default=5.0, gt=0, description="How long an open breaker drops samples before trying Redis again."
     )
+    buffer_max_pending_writes: int = Field(
+        default=4,
+        ge=1,
+        description="Buffer writes in flight at once; samples of further batches are dropped (backlog).",
+    )
+
+    # The streaming worker (Faust).
+    student_dir: Path = Field(
+        default=MODELS_DIR / "student",
+        description="The student the worker serves (model.onnx, tokenizer, labels, card).",
+    )
+    inference_threads: int = Field(
+        default=1, ge=1, description="onnxruntime threads for the student, per worker process."
+    )
+    inference_rows: int = Field(
+        default=32,
+        ge=1,
+        description="Rows per onnxruntime call: a micro-batch is sorted by length and run in chunks this size.",
+    )
+    max_batch: int = Field(
+        default=256, ge=1, description="Most utterances in one micro-batch (stream.take_events)."
+    )
+    max_wait_s: float = Field(
+        default=0.01, gt=0, description="Longest a micro-batch waits to fill before it is classified."
+    )
+    max_inflight_batches: int = Field(
+        default=2,
+        ge=1,
+        description="Micro-batches classified or awaiting broker acks at once (pipelining; 1: one at a time).",
+    )
+    consumer_group: str = Field(
+        default="intent-worker",
+        min_length=1,
+        description="Kafka consumer group (the Faust app id): workers in one group share the partitions.",
+    )
+    topic_partitions: int = Field(
+        default=4,
+        ge=1,
+        description="Partitions of the topics `intent-worker run` creates (the most workers that help).",
+    )
+    broker_session_timeout_s: float = Field(
+        default=6.0,
+        gt=0,
+        description="Consumer group session: a silent worker's partitions move after about 1.5 times this.",
+    )
+    broker_heartbeat_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Consumer heartbeat interval; keep it under a third of the session timeout.",
+    )
+    commit_interval_s: float = Field(
+        default=1.0, gt=0, description="How often acknowledged offsets are committed (redone after a crash)."
+    )
+    producer_linger_s: float = Field(
+        default=0.005, ge=0, description="How long the producer waits to fill a batch of outputs."
+    )
+    web_host: str = Field(
+        default="127.0.0.1",
+        description="Address the /metrics and /health server binds (loopback by default).",
+    )
+    web_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the /metrics and /health server; unset: 6066 if free, else a free port; 0: a free port.",
+    )

@@ -19,7 +19,15 @@ class WorkerError(Exception):
 
 
 class BadInput(WorkerError):
-    """One input (an utterance, a text) cannot be processed."""
+    """One input (an utterance, a text) cannot be processed.
+
+    ``reason`` is a short, stable class of the problem (``not_json``, ``text_missing``): the
+    message names the input precisely, the reason is what metrics count by.
+    """
+
+    def __init__(self, message: str, *, reason: str = "bad_input") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ModelError(WorkerError):

@@ -121,7 +121,8 @@ def classify_chunked(texts: Sequence[str], student: Student, rows: int) -> tuple
     started = time.perf_counter()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = [
-        student.logits([texts[i] for i in order[start : start + rows]]) for start in range(0, len(order), rows)
+        student.logits([texts[i] for i in order[start : start + rows]])
+        for start in range(0, len(order), rows)
     ]
     values = np.concatenate(chunks) if chunks else np.zeros((0, len(student.labels)), np.float32)
     restored = np.empty_like(values)

@@ -43,6 +43,7 @@ class DropReason(StrEnum):
     CIRCUIT_OPEN = "circuit_open"  # Redis failed recently; not tried until the cool-down ends
     REDIS_TIMEOUT = "redis_timeout"  # Redis did not answer within the write timeout
     REDIS_ERROR = "redis_error"  # Redis refused the connection or the command
+    BACKLOG = "backlog"  # too many buffer writes were already in flight (Redis slow): not tried
 
 
 @dataclass

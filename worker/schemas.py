@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -67,15 +68,15 @@ def _load_object(raw: bytes, record: str) -> dict[str, object]:
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadInput(f"{record}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        raise BadInput(f"{record}: not valid UTF-8 ({exc.reason} at byte {exc.start})", reason="not_utf8") from exc
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError as exc:  # the C decoder recurses once per nesting level
-        raise BadInput(f"{record}: JSON nested too deeply") from exc
+        raise BadInput(f"{record}: JSON nested too deeply", reason="not_json") from exc
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers past the digit limit
-        raise BadInput(f"{record}: not valid JSON ({exc})") from exc
+        raise BadInput(f"{record}: not valid JSON ({exc})", reason="not_json") from exc
     if not isinstance(value, dict):
-        raise BadInput(f"{record}: JSON {_json_type(value)} where an object was expected")
+        raise BadInput(f"{record}: JSON {_json_type(value)} where an object was expected", reason="not_object")
     return value
 
 
@@ -86,15 +87,17 @@ class _Fields:
         self.record = record
         self.obj = obj
 
-    def fail(self, name: str, problem: str) -> BadInput:
-        return BadInput(f"{self.record}: field {name!r} {problem}")
+    def fail(self, name: str, problem: str, kind: str) -> BadInput:
+        """``kind`` is the problem's class; ``<field>_<kind>`` becomes the error's ``reason``."""
+        field_name = re.split(r"[.\[]", name, maxsplit=1)[0]  # scores.x and logits[3]: one reason each
+        return BadInput(f"{self.record}: field {name!r} {problem}", reason=f"{field_name}_{kind}")
 
     def _get(self, name: str) -> object:
         if name not in self.obj:
-            raise self.fail(name, "is missing")
+            raise self.fail(name, "is missing", "missing")
         value = self.obj[name]
         if value is None:
-            raise self.fail(name, "is null")
+            raise self.fail(name, "is null", "null")
         return value
 
     def version(self, *, required: bool) -> int:
@@ -102,23 +105,23 @@ class _Fields:
             return SCHEMA_VERSION
         value = self._get("schema_version")
         if isinstance(value, bool) or value != SCHEMA_VERSION:
-            raise self.fail("schema_version", f"is {value!r}; this worker reads version {SCHEMA_VERSION}")
+            raise self.fail("schema_version", f"is {value!r}; this worker reads version {SCHEMA_VERSION}", "unsupported")
         return SCHEMA_VERSION
 
     def _check_str(self, name: str, value: object, *, max_len: int | None, text: bool) -> str:
         if not isinstance(value, str):
-            raise self.fail(name, f"must be a string, not {_json_type(value)}")
+            raise self.fail(name, f"must be a string, not {_json_type(value)}", "wrong_type")
         if not value:
-            raise self.fail(name, "is empty")
+            raise self.fail(name, "is empty", "empty")
         if max_len is not None and len(value) > max_len:
-            raise self.fail(name, f"has {len(value)} characters, more than the {max_len} allowed")
+            raise self.fail(name, f"has {len(value)} characters, more than the {max_len} allowed", "too_long")
         if text and value.isspace():
-            raise self.fail(name, "is whitespace only")
+            raise self.fail(name, "is whitespace only", "empty")
         if not value.isascii():
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:  # "\ud800" is valid JSON but not text
-                raise self.fail(name, f"holds an unpaired surrogate at character {exc.start}") from exc
+                raise self.fail(name, f"holds an unpaired surrogate at character {exc.start}", "bad_text") from exc
         return value
 
     def string(self, name: str, *, max_len: int | None = None, text: bool = False) -> str:
@@ -135,7 +138,7 @@ class _Fields:
     def nullable_string(self, name: str, *, max_len: int | None = None) -> str | None:
         """A required field that may be null (or empty, read as null)."""
         if name not in self.obj:
-            raise self.fail(name, "is missing")
+            raise self.fail(name, "is missing", "missing")
         return self.optional_string(name, max_len=max_len)
 
     def number(self, name: str, *, minimum: float | None = 0.0, maximum: float | None = None) -> float:
@@ -147,14 +150,14 @@ class _Fields:
 
     def _check_number(self, name: str, value: object, minimum: float | None, maximum: float | None) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(name, f"must be a number, not {_json_type(value)}")
+            raise self.fail(name, f"must be a number, not {_json_type(value)}", "wrong_type")
         number = float(value)
         if not math.isfinite(number):
-            raise self.fail(name, "is not finite")
+            raise self.fail(name, "is not finite", "out_of_range")
         if minimum is not None and number < minimum:
-            raise self.fail(name, f"is {number}, below {minimum}")
+            raise self.fail(name, f"is {number}, below {minimum}", "out_of_range")
         if maximum is not None and number > maximum:
-            raise self.fail(name, f"is {number}, above {maximum}")
+            raise self.fail(name, f"is {number}, above {maximum}", "out_of_range")
         return number
 
     def integer(self, name: str) -> int:
@@ -162,27 +165,27 @@ class _Fields:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(name, f"must be an integer, not {_json_type(value)}")
+            raise self.fail(name, f"must be an integer, not {_json_type(value)}", "wrong_type")
         if value < 0:
-            raise self.fail(name, f"is {value}, below 0")
+            raise self.fail(name, f"is {value}, below 0", "out_of_range")
         return value
 
     def boolean(self, name: str) -> bool:
         value = self._get(name)
         if not isinstance(value, bool):
-            raise self.fail(name, f"must be a boolean, not {_json_type(value)}")
+            raise self.fail(name, f"must be a boolean, not {_json_type(value)}", "wrong_type")
         return value
 
     def scores(self, name: str) -> dict[str, float]:
         value = self._get(name)
         if not isinstance(value, dict) or not value:
-            raise self.fail(name, f"must be a non-empty object, not {_json_type(value)}")
+            raise self.fail(name, f"must be a non-empty object, not {_json_type(value)}", "wrong_type")
         return {str(k): self._check_number(f"{name}.{k}", v, 0.0, 1.0) for k, v in value.items()}
 
     def numbers(self, name: str) -> tuple[float, ...]:
         value = self._get(name)
         if not isinstance(value, list) or not value:
-            raise self.fail(name, f"must be a non-empty array, not {_json_type(value)}")
+            raise self.fail(name, f"must be a non-empty array, not {_json_type(value)}", "wrong_type")
         return tuple(self._check_number(f"{name}[{i}]", v, None, None) for i, v in enumerate(value))
 
     def metadata(self, name: str) -> dict[str, object]:
@@ -190,18 +193,18 @@ class _Fields:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.fail(name, f"must be an object, not {_json_type(value)}")
+            raise self.fail(name, f"must be an object, not {_json_type(value)}", "wrong_type")
         return value
 
     def choice(self, name: str, enum: type[_Enum]) -> _Enum:
         value = self._get(name)
         if not isinstance(value, str):
-            raise self.fail(name, f"must be a string, not {_json_type(value)}")
+            raise self.fail(name, f"must be a string, not {_json_type(value)}", "wrong_type")
         try:
             return enum(value)
         except ValueError as exc:
             allowed = ", ".join(repr(member.value) for member in enum)
-            raise self.fail(name, f"is {value!r}, not one of {allowed}") from exc
+            raise self.fail(name, f"is {value!r}, not one of {allowed}", "out_of_range") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +357,7 @@ class DeadLetter:
     def from_json_bytes(cls, raw: bytes) -> DeadLetter:
         fields = _Fields(cls.SCHEMA, _load_object(raw, cls.SCHEMA))
         if "original_key_base64" not in fields.obj:
-            raise fields.fail("original_key_base64", "is missing")
+            raise fields.fail("original_key_base64", "is missing", "missing")
         key = fields.obj["original_key_base64"]
         return cls(
             schema_version=fields.version(required=True),
@@ -395,10 +398,10 @@ class DeadLetter:
 def _plain_string(fields: _Fields, name: str) -> str:
     """A required string that may be empty (an exception's message can be)."""
     if name not in fields.obj:
-        raise fields.fail(name, "is missing")
+        raise fields.fail(name, "is missing", "missing")
     value = fields.obj[name]
     if not isinstance(value, str):
-        raise fields.fail(name, f"must be a string, not {_json_type(value)}")
+        raise fields.fail(name, f"must be a string, not {_json_type(value)}", "wrong_type")
     return value
 
 
@@ -468,5 +471,5 @@ class BufferSample:
 def _probability(fields: _Fields, name: str) -> float:
     value = fields.number(name, maximum=1.0)
     if value <= 0.0:
-        raise fields.fail(name, "must be above 0")
+        raise fields.fail(name, "must be above 0", "out_of_range")
     return value

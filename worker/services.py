@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -198,6 +199,9 @@ def _start(
                 stderr=subprocess.STDOUT,
                 cwd=run_dir,
                 preexec_fn=_parent_death_hook(),  # only prctl runs in the child
+                # Not in the terminal's process group: Ctrl-C reaches the worker, which commits
+                # before it stops the services (which also die with it, by the death signal).
+                start_new_session=True,
             )
         service = EmbeddedService(name, scheme, process, chosen, log_path)
         try:
@@ -453,3 +457,71 @@ def ensure_services(settings: Settings, run_dir: Path | None = None) -> Services
                 started.stop()
         raise
     return Services(kafka_bootstrap=kafka, redis_url=redis, embedded=embedded)
+
+
+# -- The run state file: how `send`, `tail` and `replay` find what `run` started -----------------
+
+STATE_FILE = "services.json"
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where a running ``intent-worker run`` put its broker, Redis and web server."""
+
+    kafka_bootstrap: str
+    redis_url: str
+    web_url: str
+    pid: int
+
+    def write(self, run_dir: Path) -> Path:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / STATE_FILE
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+        partial.replace(path)
+        return path
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunState | None:
+        """The state of a live ``run`` in ``run_dir``, or None (no file, or its process is gone)."""
+        try:
+            fields = json.loads((run_dir / STATE_FILE).read_text())
+            state = cls(
+                kafka_bootstrap=str(fields["kafka_bootstrap"]),
+                redis_url=str(fields["redis_url"]),
+                web_url=str(fields["web_url"]),
+                pid=int(fields["pid"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return state if _alive(state.pid) else None
+
+    def clear(self, run_dir: Path) -> None:
+        """Remove the file if it is still ours (a later ``run`` may have replaced it)."""
+        current = run_dir / STATE_FILE
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(current.read_text()).get("pid") == self.pid:
+                current.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def find_kafka(settings: Settings) -> str:
+    """The configured bootstrap, else that of the ``intent-worker run`` using ``settings.run_dir``."""
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap
+    state = RunState.read(settings.run_dir)
+    if state is None:
+        raise ServiceError(
+            f"no Kafka to talk to: INTENT_KAFKA_BOOTSTRAP is unset and no `intent-worker run` is running "
+            f"with run directory {settings.run_dir}; start one (`make run`) or set INTENT_KAFKA_BOOTSTRAP"
+        )
+    return state.kafka_bootstrap

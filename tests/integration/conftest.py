@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from worker_harness import student_dir
 
 from worker.services import EmbeddedService, start_kafka, start_redis
 
@@ -30,3 +32,9 @@ def kafka_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded
 def unique_name() -> str:
     """A fresh topic / consumer group / Redis key prefix, so tests never see each other's data."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def student() -> Path:
+    """The student the worker tests serve: models/student (or, until it lands, a development one)."""
+    return student_dir()

@@ -18,8 +18,12 @@ def _write(path: Path, rows: list[object]) -> Path:
 
 @pytest.fixture
 def mapping(tmp_path: Path) -> IntentMapping:
-    raw = {"_doc": "ignored", "alarm_set": ["Action", False, "r"], "alarm_query": ["Recall", False, "r"],
-           "chitchat": ["Other", True, "r"]}
+    raw = {
+        "_doc": "ignored",
+        "alarm_set": ["Action", False, "r"],
+        "alarm_query": ["Recall", False, "r"],
+        "chitchat": ["Other", True, "r"],
+    }
     path = tmp_path / "mapping.json"
     path.write_text(json.dumps(raw))
     return IntentMapping.from_files([path])
@@ -31,17 +35,24 @@ def test_mapping_files_merge_and_skip_doc_keys(tmp_path: Path) -> None:
     b = tmp_path / "b.json"
     b.write_text(json.dumps({"PlayMusic": ["Action", False, "why"], "greet": ["Other", True, "why"]}))
     merged = IntentMapping.from_files([a, b])
-    assert merged.entries == {"play": ("Action", False), "PlayMusic": ("Action", False), "greet": ("Other", True)}
+    assert merged.entries == {
+        "play": ("Action", False),
+        "PlayMusic": ("Action", False),
+        "greet": ("Other", True),
+    }
     assert merged.labels == ("Action", "Other")
 
 
 def test_load_labelled_filters_split_and_maps(tmp_path: Path, mapping: IntentMapping) -> None:
-    path = _write(tmp_path / "d.jsonl", [
-        {"id": "1", "locale": "en", "text": "wake me up", "intent": "alarm_set", "split": "train"},
-        {"id": "2", "locale": "en", "text": "my alarms?", "intent": "alarm_query", "split": "validation"},
-        {"id": "3", "locale": "de", "text": "hallo", "intent": "chitchat", "split": "validation"},
-        {"id": "4", "locale": "fr", "text": "salut", "label": "Other", "split": "validation"},
-    ])
+    path = _write(
+        tmp_path / "d.jsonl",
+        [
+            {"id": "1", "locale": "en", "text": "wake me up", "intent": "alarm_set", "split": "train"},
+            {"id": "2", "locale": "en", "text": "my alarms?", "intent": "alarm_query", "split": "validation"},
+            {"id": "3", "locale": "de", "text": "hallo", "intent": "chitchat", "split": "validation"},
+            {"id": "4", "locale": "fr", "text": "salut", "label": "Other", "split": "validation"},
+        ],
+    )
     data = load_labelled([path], mapping, split="validation")
     assert data.ids == ["2", "3", "4"]
     assert data.labels == ["Recall", "Other", "Other"]

@@ -23,7 +23,9 @@ def _blobs(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_head_learns_separable_classes_and_folds_them_into_labels(hidden: int) -> None:
     x, y = _blobs()
     groups = np.array([0, 0, 1, 1])  # four fine classes, two labels
-    head = train_head(x, y, 4, groups, 2, HeadConfig(hidden=hidden, epochs=30, batch_size=64, learning_rate=1e-2))
+    head = train_head(
+        x, y, 4, groups, 2, HeadConfig(hidden=hidden, epochs=30, batch_size=64, learning_rate=1e-2)
+    )
     logits = forward(head, x)
     assert logits.shape == (600, 2)
     assert (logits.argmax(axis=1) == groups[y]).mean() > 0.98

@@ -1,0 +1,229 @@
+"""The Faust app: broker and web settings, the classify agent, ``/metrics`` and ``/health``.
+
+:func:`build_worker` wires a loaded student, the Redis buffer and the metrics into a
+``faust.App``; :func:`run_worker` runs it until SIGTERM/SIGINT (graceful) or a failure.
+The web server binds ``Settings.web_host`` (loopback by default), never all interfaces
+unless configured so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import faust
+import structlog
+from faust.exceptions import ConsumerNotStarted
+from faust.types import TP
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from worker.agents import FaustEmitter, WorkerState, register_classifier
+from worker.buffer import RedisBufferSink
+from worker.config import Settings
+from worker.errors import ServiceError
+from worker.inference import Student, classify_chunked
+from worker.logging import stdlib_logging_config
+from worker.metrics import PartitionLag, WorkerCollector, WorkerMetrics, lag_by_partition
+from worker.pipeline import Pipeline, PipelineOptions
+from worker.sampling import BufferCounters, Sampler, SamplingPolicy
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_WEB_PORT = 6066  # faust's own default
+BUFFER_LENGTH_INTERVAL_S = 5.0
+PRODUCER_MAX_BATCH_BYTES = 256 * 1024  # one partition's share of a 256-utterance batch fits in one request
+
+
+@dataclass
+class Worker:
+    """A built worker: the app and what it runs on."""
+
+    app: faust.App
+    state: WorkerState
+    pipeline: Pipeline
+    metrics: WorkerMetrics
+    sink: RedisBufferSink
+    executor: ThreadPoolExecutor
+    web_url: str
+
+
+def resolve_web_port(settings: Settings) -> int:
+    """``web_port`` as configured; unset: 6066 if free, else a port the OS picks; 0: the OS picks."""
+    if settings.web_port is not None and settings.web_port != 0:
+        return settings.web_port
+    candidates = [DEFAULT_WEB_PORT, 0] if settings.web_port is None else [0]
+    for candidate in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((settings.web_host, candidate))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise ServiceError(f"no free port for the web server on {settings.web_host}")
+
+
+def broker_urls(bootstrap: str) -> list[str]:
+    """``host:port,host:port`` as faust broker URLs."""
+    return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+
+
+def build_worker(
+    settings: Settings, *, kafka_bootstrap: str, redis_url: str, student: Student, web_port: int
+) -> Worker:
+    """The faust app with the classify agent, its pipeline, and the web views."""
+    datadir = settings.run_dir / "faust" / settings.consumer_group
+    datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
+    app = faust.App(
+        settings.consumer_group,
+        broker=broker_urls(kafka_bootstrap),
+        key_serializer="raw",
+        value_serializer="raw",
+        autodiscover=False,
+        store="memory://",
+        datadir=str(datadir),
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        broker_commit_interval=settings.commit_interval_s,
+        consumer_auto_offset_reset="earliest",
+        producer_linger=settings.producer_linger_s,
+        producer_max_batch_size=PRODUCER_MAX_BATCH_BYTES,
+        producer_acks=-1,
+        stream_wait_empty=True,  # shutdown and rebalances wait until delivered messages are acked
+        topic_disable_leader=True,  # no leader topic: we use no faust tables or timers-on-leader
+        topic_allow_declare=False,  # `intent-worker run` creates the topics, with their partition count
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=web_port,
+    )
+    metrics = WorkerMetrics()
+    counters = BufferCounters()
+    sink = RedisBufferSink.from_settings(settings, redis_url, counters=counters)
+    sampler = Sampler(SamplingPolicy.from_settings(settings), counters=counters)
+    # One thread: inference runs in arrival order, and onnxruntime's own threads do the parallel work.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
+    pipeline = Pipeline(
+        partial(classify_chunked, student=student, rows=settings.inference_rows),
+        student.version,
+        FaustEmitter(app),
+        executor,
+        sampler=sampler,
+        sink=sink,
+        metrics=metrics,
+        options=PipelineOptions(
+            depth=settings.max_inflight_batches,
+            max_text_chars=settings.max_text_chars,
+            max_original_bytes=settings.dlq_max_original_bytes,
+            max_pending_writes=settings.buffer_max_pending_writes,
+        ),
+    )
+    state = WorkerState()
+    metrics.model_info.labels(student.version).set(1)
+    metrics.attach(WorkerCollector(counters, lambda: sink.length, lambda: consumer_lag(app)))
+    register_classifier(app, pipeline, state, max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
+    worker = Worker(
+        app, state, pipeline, metrics, sink, executor, web_url=f"http://{settings.web_host}:{web_port}"
+    )
+    _add_views(worker, student)
+    _add_hooks(worker)
+    return worker
+
+
+def consumer_lag(app: faust.App) -> list[PartitionLag]:
+    """Lag of each partition this worker holds, from the offsets faust's monitor tracks."""
+    try:
+        assigned = app.consumer.assignment()
+    except ConsumerNotStarted:  # scraped before the consumer started
+        return []
+    monitor = app.monitor
+    ends = {tp: offset for tp, offset in monitor.tp_end_offsets.items() if tp in assigned}
+    return lag_by_partition(ends, monitor.tp_committed_offsets)
+
+
+def health(worker: Worker, student: Student) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body): 200 once the worker has joined its group and nothing failed."""
+    state, app = worker.state, worker.app
+    body: dict[str, Any] = {
+        "model_version": student.version,
+        "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in state.assigned or ()),
+        "batches": state.batches,
+        "inflight": worker.pipeline.inflight,
+    }
+    if state.failure is not None:
+        body.update(status="failed", error=repr(state.failure))
+        return 503, body
+    if app.should_stop:
+        body["status"] = "stopping"
+        return 503, body
+    if state.assigned is None or app.rebalancing:
+        body["status"] = "starting"
+        return 503, body
+    body["status"] = "ok"
+    return 200, body
+
+
+def _add_views(worker: Worker, student: Student) -> None:
+    app = worker.app
+
+    async def metrics_view(view: View, request: Request) -> Response:
+        return view.bytes(worker.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def health_view(view: View, request: Request) -> Response:
+        status, body = health(worker, student)
+        return view.json(body, status=status)
+
+    app.page("/metrics")(metrics_view)
+    app.page("/health")(health_view)
+
+
+def _add_hooks(worker: Worker) -> None:
+    app, state = worker.app, worker.state
+
+    async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        assigned: set[TP] = args[0]  # the signal is sent with the new assignment
+        state.assigned = frozenset(assigned)
+        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
+
+    async def on_before_shutdown(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Faust sends this once the consumer has drained: every delivered batch is released.
+        try:
+            await worker.pipeline.drain()
+        except Exception as exc:  # a failed batch: the agent has reported it and set the failure
+            log.debug("pipeline_drain_failed", error=repr(exc))
+        await worker.sink.close()
+
+    async def refresh_buffer_length() -> None:
+        await worker.sink.read_length()
+
+    # mode types receivers through mypy_extensions' NamedArg("BaseSignalT"), which no function matches.
+    app.on_partitions_assigned.connect(on_assigned)  # type: ignore[arg-type]
+    app.on_before_shutdown.connect(on_before_shutdown)  # type: ignore[arg-type]
+    app.timer(BUFFER_LENGTH_INTERVAL_S)(refresh_buffer_length)
+
+
+def run_worker(worker: Worker, *, json_logs: bool, log_level: str, loop: asyncio.AbstractEventLoop) -> int:
+    """Run until SIGTERM/SIGINT (exit 0 after a graceful stop) or a failure (exit 1)."""
+    runner = faust.Worker(
+        worker.app,
+        loop=loop,
+        quiet=True,
+        redirect_stdouts=False,
+        loglevel=log_level,
+        logging_config=stdlib_logging_config(json_logs=json_logs, level=log_level),
+    )
+    code: int | str | None = 0
+    log.info("worker_starting", group=worker.app.conf.id, web=worker.web_url)
+    try:
+        runner.execute_from_commandline()
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        worker.executor.shutdown(wait=True, cancel_futures=True)
+    status = 1 if worker.state.failure is not None else code if isinstance(code, int) else 1 if code else 0
+    log.info("worker_stopped", exit_code=status, batches=worker.state.batches)
+    return status

@@ -1,0 +1,192 @@
+"""Small Kafka clients for a person trying the worker: send, replay and tail utterances.
+
+Input lines are JSONL (one ``utterance.v1``-like object per line, extra fields kept) or
+plain text (one utterance per line). Objects are forwarded as they are, so a deliberately
+bad record reaches the worker's dead-letter path; only a missing ``id`` (and ``locale``,
+when one is given) is filled in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from worker.errors import BadInput, ServiceError
+from worker.schemas import Intent, Utterance
+from worker.topics import INTENTS, UTTERANCES
+
+MAX_PENDING_ACKS = 10_000  # sends awaited in groups: bounded memory at any rate
+KNOWN_TEXTS = 100_000  # ids whose text `tail` remembers
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message for the ``utterances`` topic."""
+
+    key: bytes
+    value: bytes
+
+
+def new_id() -> str:
+    return f"cli-{uuid.uuid4().hex[:16]}"
+
+
+def outgoing_from_lines(
+    lines: Iterable[str], *, locale: str | None = None, suffix: str = ""
+) -> Iterator[Outgoing]:
+    """One message per non-blank line: JSON objects as they are (plus an id), other lines as text."""
+    for line in lines:
+        stripped = line.strip()
+        if not stripped:
+            continue
+        record: dict[str, object] | None = None
+        if stripped.startswith("{"):
+            try:
+                parsed = json.loads(stripped)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                record = parsed
+        if record is None:
+            utterance = Utterance(id=new_id(), text=stripped, locale=locale, timestamp=time.time())
+            yield Outgoing(utterance.id.encode("utf-8"), utterance.to_json_bytes())
+            continue
+        if not isinstance(record.get("id"), str) or not record["id"]:
+            record["id"] = new_id()
+        record["id"] = f"{record['id']}{suffix}"
+        if locale is not None and not record.get("locale"):
+            record["locale"] = locale
+        yield Outgoing(
+            str(record["id"]).encode("utf-8"),
+            json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+        )
+
+
+def producer(bootstrap: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        max_request_size=2 * 1024 * 1024,
+    )
+
+
+async def send_all(
+    bootstrap: str,
+    messages: Iterable[Outgoing],
+    *,
+    rate: float = 0.0,
+    topic: str = UTTERANCES,
+    on_sent: Callable[[Outgoing], None] | None = None,
+) -> int:
+    """Produce ``messages`` at ``rate`` per second (0: as fast as the broker takes them).
+
+    Returns how many the broker acknowledged; raises :class:`ServiceError` if it cannot.
+    """
+    client = producer(bootstrap)
+    sent = 0
+    try:
+        await client.start()
+        pending: list[Awaitable[object]] = []
+        started = time.monotonic()
+        for index, message in enumerate(messages):
+            if rate > 0:
+                due = started + index / rate
+                delay = due - time.monotonic()
+                if delay > 0.001:
+                    await asyncio.sleep(delay)
+            pending.append(await client.send(topic, message.value, key=message.key))
+            if on_sent is not None:
+                on_sent(message)
+            if len(pending) >= MAX_PENDING_ACKS:
+                await asyncio.gather(*pending)
+                sent += len(pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+        sent += len(pending)
+    except KafkaError as exc:
+        raise ServiceError(f"cannot produce to {topic!r} on {bootstrap}: {exc!r}") from exc
+    finally:
+        await client.stop()
+    return sent
+
+
+def describe(intent: Intent, text: str | None) -> str:
+    """One line of ``tail``: id, label, top score, locale, model version, text (if known)."""
+    top = intent.scores.get(intent.label, 0.0)
+    columns = [intent.id, intent.label, f"{top:.3f}", intent.locale or "-", intent.model_version]
+    if text is not None:
+        columns.append(text if len(text) <= 200 else text[:199] + "…")
+    return "\t".join(columns)
+
+
+async def follow_intents(
+    bootstrap: str,
+    on_intent: Callable[[Intent, str | None, bytes], None],
+    *,
+    from_beginning: bool = False,
+    count: int | None = None,
+    timeout_s: float | None = None,
+) -> int:
+    """Call ``on_intent(intent, text, raw)`` for each label on ``intents`` until ``count`` or ``timeout_s``.
+
+    It also reads ``utterances`` to show each label's text, when the utterance was seen first.
+    No consumer group: nothing is committed, and a worker's group is never disturbed.
+    """
+    consumer = AIOKafkaConsumer(
+        INTENTS,
+        UTTERANCES,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+    )
+    texts: OrderedDict[str, str] = OrderedDict()
+    seen = 0
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        await consumer.start()
+        while count is None or seen < count:
+            wait_ms = 1000 if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
+            if deadline is not None and wait_ms <= 0:
+                break
+            batches = await consumer.getmany(timeout_ms=min(wait_ms, 1000), max_records=1000)
+            # Utterances first, so that a label fetched together with its utterance shows the text.
+            for partition, records in sorted(batches.items(), key=lambda item: item[0].topic != UTTERANCES):
+                for record in records:
+                    if count is not None and seen >= count:
+                        break
+                    if partition.topic == UTTERANCES:
+                        _remember_text(texts, record.value)
+                        continue
+                    try:
+                        intent = Intent.from_json_bytes(record.value)
+                    except BadInput:
+                        continue  # not ours to judge: tail shows labels, not errors
+                    on_intent(intent, texts.get(intent.id), record.value)
+                    seen += 1
+    except KafkaError as exc:
+        raise ServiceError(f"cannot read {INTENTS!r} from {bootstrap}: {exc!r}") from exc
+    finally:
+        await consumer.stop()
+    return seen
+
+
+def _remember_text(texts: OrderedDict[str, str], raw: bytes | None) -> None:
+    try:
+        record = json.loads(raw or b"")
+    except ValueError:
+        return
+    if isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("text"), str):
+        texts[record["id"]] = record["text"]
+        if len(texts) > KNOWN_TEXTS:
+            texts.popitem(last=False)
