@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from worker.errors import ModelError
 from worker.teacher.runtime import clean_text, read_labels, session_options
+from worker.tokens import pad_batch
 
 REQUIRED_FILES = ("model.onnx", "tokenizer.json", "labels.json", "card.json")
 Logits = npt.NDArray[np.float32]
@@ -64,7 +65,9 @@ class Student:
         self._pad_id = 0 if pad is None else int(pad)
         width = self.logits(["probe"]).shape[1]
         if width != len(self.labels):
-            raise ModelError(f"{directory}: model outputs {width} logits but labels.json has {len(self.labels)}")
+            raise ModelError(
+                f"{directory}: model outputs {width} logits but labels.json has {len(self.labels)}"
+            )
 
     @property
     def version(self) -> str:
@@ -75,12 +78,7 @@ class Student:
         encodings = self._tokenizer.encode_batch([clean_text(t, self._max_chars) for t in texts])
         if not encodings:
             return np.zeros((0, len(getattr(self, "labels", ()))), np.float32)
-        longest = max(1, max(len(e.ids) for e in encodings))
-        input_ids = np.full((len(encodings), longest), self._pad_id, dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for row, enc in enumerate(encodings):
-            input_ids[row, : len(enc.ids)] = enc.ids
-            mask[row, : len(enc.ids)] = 1
+        input_ids, mask = pad_batch([e.ids for e in encodings], self._pad_id)
         (values,) = self._session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})
         return np.asarray(values, dtype=np.float32)
 

@@ -27,6 +27,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from worker.errors import BadInput, ModelError
+from worker.tokens import pad_batch
 
 Logits = npt.NDArray[np.float32]
 
@@ -139,12 +140,7 @@ class OnnxSequenceModel:
         return out
 
     def _run_batch(self, batch: list[list[int]]) -> Logits:
-        longest = max(len(row) for row in batch)
-        input_ids = np.full((len(batch), longest), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), longest), dtype=np.int64)
-        for r, row in enumerate(batch):
-            input_ids[r, : len(row)] = row
-            mask[r, : len(row)] = 1
+        input_ids, mask = pad_batch(batch, self._pad_id)
         feed = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feed["token_type_ids"] = np.zeros_like(input_ids)

@@ -24,6 +24,7 @@ import structlog
 from tokenizers import Tokenizer
 
 from worker.dataset import iter_batches
+from worker.tokens import pad_batch
 from worker.training import require_torch
 from worker.training.students import StudentConfig, build_student
 
@@ -97,18 +98,13 @@ def shuffled(examples: Iterator[Example], buffer: int, rng: random.Random) -> It
 
 
 def encode(tokenizer: Tokenizer, texts: list[str], max_length: int) -> tuple[Any, Any]:
-    encodings = tokenizer.encode_batch(texts)
-    longest = max(1, min(max_length, max(len(e.ids) for e in encodings)))
-    ids = np.zeros((len(texts), longest), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, enc in enumerate(encodings):
-        n = min(len(enc.ids), longest)
-        ids[row, :n] = enc.ids[:n]
-        mask[row, :n] = 1
+    ids, mask = pad_batch([e.ids for e in tokenizer.encode_batch(texts)], 0, max_length)
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def _batches(examples: Iterator[Example], size: int, rng: random.Random | None = None) -> Iterator[list[Example]]:
+def _batches(
+    examples: Iterator[Example], size: int, rng: random.Random | None = None
+) -> Iterator[list[Example]]:
     """Batches of ``size``. With ``rng``, rows are bucketed by length within windows of 32
     batches and the batches shuffled, which cuts padding without ordering the epoch."""
     window = size * 32 if rng is not None else size

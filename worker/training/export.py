@@ -18,6 +18,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from worker.teacher.runtime import session_options
+from worker.tokens import pad_batch
 from worker.training import require_torch
 
 torch = require_torch()
@@ -103,14 +104,7 @@ def run_logits(
     out = []
     for start in range(0, len(texts), 256):
         chunk = list(texts[start : start + 256])
-        encodings = tokenizer.encode_batch(chunk)
-        longest = max(1, min(max_length, max(len(e.ids) for e in encodings)))
-        ids = np.zeros((len(chunk), longest), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, enc in enumerate(encodings):
-            n = min(len(enc.ids), longest)
-            ids[row, :n] = enc.ids[:n]
-            mask[row, :n] = 1
+        ids, mask = pad_batch([e.ids for e in tokenizer.encode_batch(chunk)], 0, max_length)
         (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
         out.append(np.asarray(logits, np.float32))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
