@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Python puts this folder first on sys.path, where benchmarks/worker.py would shadow the
+# `worker` package: import the package first, then this folder's helpers.
+_HERE = str(Path(__file__).resolve().parent)
+while _HERE in sys.path:
+    sys.path.remove(_HERE)
+import worker  # noqa: F401
+
+sys.path.append(_HERE)
 from common import RESULTS, machine, median_ms, write_result
 
 from worker import evaluation
