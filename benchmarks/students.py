@@ -62,7 +62,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, default=Path("build/students"))
     parser.add_argument("--shipped", type=Path, default=Path("models/student"))
+    parser.add_argument("--render-only", action="store_true", help="redraw md/png from students.json")
     args = parser.parse_args()
+    if args.render_only:
+        render(json.loads((RESULTS / "students.json").read_text()))
+        return
     settings = Settings()
     shared = require_shared_data(settings.shared_data_dir)
     mapping = shared_mapping(shared)
@@ -178,32 +182,42 @@ def main() -> None:
         "note": "speed: onnxruntime at 1 thread, tokenisation included, measured side by side in this run",
     }
     path = write_result("students", result)
+    render(result)
+    print(f"wrote {path}")
+
+
+def render(result: dict[str, object]) -> None:
+    """students.md and students.png from a result (also from a saved students.json)."""
+    rows: list[dict[str, object]] = result["rows"]  # type: ignore[assignment]
+    curve: list[dict[str, float]] = result["volume_curve"]  # type: ignore[assignment]
     lines = [
-        "| model | variant | size MB | acc | macro-F1 | agree | PR-BEP gap | PR-AUC gap | KL | p50 ms | batch-256 utt/s | speed-up p50 | Tatoeba pair agreement |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | variant | size MB | acc % | macro-F1 % | agree % | PR-BEP gap | PR-AUC gap | KL | p50 ms | batch-256 utt/s | speed-up p50 | speed-up batch | Tatoeba pairs same label % (held-out) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        tc: dict[str, float] = r["tatoeba_consistency"]  # type: ignore[assignment]
         lines.append(
-            "| {model} | {variant} | {size_mb} | {acc:.1f} | {f1:.1f} | {agree:.1f} | {bep:+.2f} | {auc:+.2f} | {kl:.4f} | {p50_ms} | {batch256_utt_per_s} | {speedup_p50}x | {tc:.1f} |".format(
-                acc=100 * float(r["accuracy"]),
-                f1=100 * float(r["macro_f1"]),
-                agree=100 * float(r["agreement"]),
-                bep=100 * float(r["pr_bep_gap"]),
-                auc=100 * float(r["pr_auc_gap"]),
-                kl=float(r["kl"]),
-                tc=100 * float(r["tatoeba_consistency"]["all_pairs"]),
-                **r,
-            )
-        )  # type: ignore[index]
-    lines += ["", "Data-volume curve (cnn, fp32 export, same recipe on a share of the corpus):", "",
-              "| share | train rows | agree | PR-BEP gap | PR-AUC gap | KL |", "|---|---|---|---|---|---|"]
+            f"| {r['model']} | {r['variant']} | {r['size_mb']} | {100 * float(r['accuracy']):.1f} "  # type: ignore[arg-type]
+            f"| {100 * float(r['macro_f1']):.1f} | {100 * float(r['agreement']):.1f} "  # type: ignore[arg-type]
+            f"| {100 * float(r['pr_bep_gap']):+.2f} | {100 * float(r['pr_auc_gap']):+.2f} "  # type: ignore[arg-type]
+            f"| {float(r['kl']):.4f} | {r['p50_ms']} | {r['batch256_utt_per_s']} | {r['speedup_p50']}x "  # type: ignore[arg-type]
+            f"| {r['speedup_batch']}x | {100 * tc['all_pairs']:.1f} ({100 * tc['held_out_pairs']:.1f}) |"
+        )
+    lines += [
+        "",
+        "Data-volume curve (cnn, fp32 export, same recipe on a share of the corpus):",
+        "",
+        "| share | train rows | agree % | PR-BEP gap | PR-AUC gap | KL |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in curve:
-        lines.append("| {share:.0%} | {train_rows} | {agree:.1f} | {bep:+.2f} | {auc:+.2f} | {kl:.4f} |".format(
-            agree=100 * c["agreement"], bep=100 * c["pr_bep_gap"], auc=100 * c["pr_auc_gap"], **c))
+        lines.append(
+            f"| {c['share']:.0%} | {c['train_rows']} | {100 * c['agreement']:.1f} | {100 * c['pr_bep_gap']:+.2f} "
+            f"| {100 * c['pr_auc_gap']:+.2f} | {c['kl']:.4f} |"
+        )
     (RESULTS / "students.md").write_text("\n".join(lines) + "\n")
     plot(rows, curve, RESULTS / "students.png")
     print("\n".join(lines))
-    print(f"wrote {path}")
 
 
 def volume_curve(rows: list[dict[str, object]]) -> list[dict[str, float]]:
@@ -214,8 +228,16 @@ def volume_curve(rows: list[dict[str, object]]) -> list[dict[str, float]]:
         if r["variant"] != "fp32" or not (name == "cnn" or name.startswith("cnn-frac")):
             continue
         share = 1.0 if name == "cnn" else float(name.removeprefix("cnn-frac"))
-        curve.append({"share": share, "train_rows": r["train_rows"], "agreement": r["agreement"],
-                      "pr_bep_gap": r["pr_bep_gap"], "pr_auc_gap": r["pr_auc_gap"], "kl": r["kl"]})
+        curve.append(
+            {
+                "share": share,
+                "train_rows": r["train_rows"],
+                "agreement": r["agreement"],
+                "pr_bep_gap": r["pr_bep_gap"],
+                "pr_auc_gap": r["pr_auc_gap"],
+                "kl": r["kl"],
+            }
+        )
     return sorted(curve, key=lambda c: c["share"])  # type: ignore[arg-type,return-value]
 
 
@@ -239,7 +261,9 @@ def plot(rows: list[dict[str, object]], curve: list[dict[str, float]], path: Pat
     ax.grid(True, which="both", alpha=0.3)
     if curve:
         shares = [100 * c["share"] for c in curve]
-        ax2.plot(shares, [100 * (1 - c["agreement"]) for c in curve], "o-", label="disagreement with teacher, %")
+        ax2.plot(
+            shares, [100 * (1 - c["agreement"]) for c in curve], "o-", label="disagreement with teacher, %"
+        )
         ax2.plot(shares, [100 * c["pr_bep_gap"] for c in curve], "s-", label="PR-BEP gap, points")
         ax2.plot(shares, [100 * c["kl"] for c in curve], "^-", label="KL(teacher||student) x 100")
         ax2.set_xlabel("share of the distillation corpus, %")
