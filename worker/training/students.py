@@ -45,13 +45,19 @@ class StudentConfig:
         return out
 
 
+def _embedding(config: StudentConfig, embeddings: npt.NDArray[np.float32] | None) -> nn.Embedding:
+    """The token embedding table, from the teacher's rows when given (row 0, pad, stays zero)."""
+    table = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=0)
+    if embeddings is not None:
+        table.weight.data.copy_(torch.from_numpy(embeddings))
+    return table
+
+
 class CnnStudent(nn.Module):
     def __init__(self, config: StudentConfig, embeddings: npt.NDArray[np.float32] | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=0)
-        if embeddings is not None:
-            self.embedding.weight.data.copy_(torch.from_numpy(embeddings))
+        self.embedding = _embedding(config, embeddings)
         self.convs = nn.ModuleList(
             nn.Conv1d(config.embedding_dim, config.filters, kernel_size=k) for k in config.kernel_sizes
         )
@@ -79,9 +85,7 @@ class BagStudent(nn.Module):
     def __init__(self, config: StudentConfig, embeddings: npt.NDArray[np.float32] | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=0)
-        if embeddings is not None:
-            self.embedding.weight.data.copy_(torch.from_numpy(embeddings))
+        self.embedding = _embedding(config, embeddings)
         self.dropout = nn.Dropout(config.dropout)
         self.hidden = nn.Linear(config.embedding_dim, config.bag_hidden)
         self.out = nn.Linear(config.bag_hidden, config.n_labels)
