@@ -56,7 +56,7 @@ bench: setup ## Run the benchmarks; results go to benchmarks/results/
 	$(BIN)/python benchmarks/teacher.py
 	$(BIN)/python benchmarks/students.py --models $(STUDENTS)
 
-bench-worker: setup ## Worker throughput vs the raw forward ceiling; writes benchmarks/results/worker.json
+bench-worker: setup ## Worker must-shows (throughput vs raw/Faust ceilings, latency, scaling, bad input, Redis outage, fresh start; ~17 min): benchmarks/results/worker.json
 	$(BIN)/python benchmarks/worker.py
 
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)

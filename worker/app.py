@@ -31,6 +31,7 @@ from worker.logging import stdlib_logging_config
 from worker.metrics import PartitionLag, WorkerCollector, WorkerMetrics, lag_by_partition
 from worker.pipeline import Pipeline, PipelineOptions
 from worker.sampling import BufferCounters, Sampler, SamplingPolicy
+from worker.transport import use_fetch_wait
 
 log = structlog.get_logger(__name__)
 
@@ -101,6 +102,7 @@ def build_worker(
         web_host=settings.web_host,
         web_port=web_port,
     )
+    use_fetch_wait(app, settings.consumer_fetch_max_wait_s)
     metrics = WorkerMetrics()
     counters = BufferCounters()
     sink = RedisBufferSink.from_settings(settings, redis_url, counters=counters)

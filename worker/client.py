@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker.errors import BadInput, ServiceError
@@ -141,6 +141,11 @@ async def follow_intents(
 
     It also reads ``utterances`` to show each label's text, when the utterance was seen first.
     No consumer group: nothing is committed, and a worker's group is never disturbed.
+
+    Not ``from_beginning``, it shows only labels produced after it started. "latest" alone is not
+    enough on Tansu 0.6, which answers ListOffsets(latest) with its last batch's base offset + 1:
+    the rest of that batch would come first. Those records lie below the first fetch's high
+    watermark and carry older timestamps; on a broker that answers correctly there are none.
     """
     consumer = AIOKafkaConsumer(
         INTENTS,
@@ -152,6 +157,8 @@ async def follow_intents(
     )
     texts: OrderedDict[str, str] = OrderedDict()
     seen = 0
+    started_ms = time.time() * 1000
+    first_highwater: dict[TopicPartition, int] = {}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         await consumer.start()
@@ -168,6 +175,10 @@ async def follow_intents(
                     if partition.topic == UTTERANCES:
                         _remember_text(texts, record.value)
                         continue
+                    if not from_beginning:
+                        end = first_highwater.setdefault(partition, consumer.highwater(partition) or 0)
+                        if record.offset < end and record.timestamp < started_ms:
+                            continue  # there before tail started (see follow_intents' docstring)
                     try:
                         intent = Intent.from_json_bytes(record.value)
                     except BadInput:

@@ -178,6 +178,12 @@ class Settings(BaseSettings):
     commit_interval_s: float = Field(
         default=1.0, gt=0, description="How often acknowledged offsets are committed (redone after a crash)."
     )
+    consumer_fetch_max_wait_s: float = Field(
+        default=0.1,
+        gt=0,
+        le=1.5,
+        description="Longest the broker may hold one fetch of the worker's consumer (faust's own: 1.5 s); bounds latency on Tansu.",
+    )
     producer_linger_s: float = Field(
         default=0.005, ge=0, description="How long the producer waits to fill a batch of outputs."
     )

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from redis import Redis
 from worker_harness import WorkerProcess, consume, produce, utterance, worker_env
 
@@ -109,6 +110,40 @@ def test_obvious_utterances_get_their_labels(worker: WorkerProcess, student: Pat
     for (intent,) in found.values():
         assert intent.model_version == card_version(student) and intent.locale == "en"
         assert intent.scores[intent.label] == max(intent.scores.values())
+
+
+def test_a_label_arrives_within_a_fraction_of_a_second_at_a_low_rate(worker: WorkerProcess) -> None:
+    # faust's own consumer waits up to 1.5 s per fetch, and Tansu holds a fetch for about half of
+    # that even when records arrive: each utterance then waited ~0.4 s (median) before the worker
+    # saw it. INTENT_CONSUMER_FETCH_MAX_WAIT_S (0.1 s) bounds that wait.
+    async def latencies(n: int) -> list[float]:
+        consumer = AIOKafkaConsumer(
+            INTENTS, bootstrap_servers=worker.kafka, group_id=None, fetch_max_wait_ms=20
+        )  # the test's own consumer must not hold its fetches either
+        producer = AIOKafkaProducer(bootstrap_servers=worker.kafka, acks="all")
+        await consumer.start()
+        await producer.start()
+        sent: dict[bytes, float] = {}
+        arrived: dict[bytes, float] = {}
+        try:
+            await consumer.getmany(timeout_ms=200)  # at the end of the topic before the first send
+            for i in range(n):
+                key, value = utterance(f"quick-{i}", "set an alarm for 7am")
+                sent[key] = time.monotonic()
+                await (await producer.send(UTTERANCES, value, key=key))
+                deadline = time.monotonic() + 10
+                while key not in arrived and time.monotonic() < deadline:
+                    for batch in (await consumer.getmany(timeout_ms=50)).values():
+                        for record in batch:
+                            arrived.setdefault(record.key, time.monotonic())
+        finally:
+            await producer.stop()
+            await consumer.stop()
+        assert set(sent) <= set(arrived)
+        return sorted(arrived[key] - sent[key] for key in sent)
+
+    seconds = asyncio.run(latencies(15))
+    assert seconds[len(seconds) // 2] < 0.25, seconds
 
 
 def test_every_bad_input_is_labelled_or_dead_lettered_and_the_worker_carries_on(
