@@ -4,8 +4,9 @@
   utterances arrive at a fixed rate; every produced id must be labelled (duplicates counted).
 - ``bad_input``: 1,000 mixed inputs; each ends labelled or in ``utterances.dlq`` with its
   reason, none is lost, and the worker keeps its pid and its health.
-- ``redis_outage``: Redis is SIGKILLed during a run at a fixed offered rate and restarted on
-  the same port; labelling throughput per phase, samples dropped, and sampling resuming.
+- ``redis_outage``: Redis is SIGKILLed during a steady run at a fixed offered rate (below the
+  worker's capacity, so a stall would show as lag) and restarted on the same port: labelling
+  throughput, latency, CPU and lag per phase, samples dropped, and sampling resuming.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kill-after-s", type=float, default=12.0, help="SIGKILL the second worker then")
     parser.add_argument("--bad-inputs", type=int, default=1_000)
     parser.add_argument(
-        "--outage-rate", type=float, default=4_000.0, help="offered rate (above one worker's capacity)"
+        "--outage-rate",
+        type=float,
+        default=1_500.0,
+        help="offered rate (about half of one worker's capacity)",
     )
     parser.add_argument("--outage-phase-s", type=float, default=30.0, help="length of each phase")
 
@@ -378,6 +382,9 @@ def redis_outage(args: argparse.Namespace, rows: list[tuple[str, str]], tmp: Pat
                         if k.startswith("intent_worker_samples_dropped_total{")
                     },
                     "buffer_length": metrics.get("intent_worker_buffer_length"),
+                    "latency_sum": metrics.get("intent_worker_latency_seconds_sum", 0.0),
+                    "latency_count": metrics.get("intent_worker_latency_seconds_count", 0.0),
+                    "lag": metric_sum(metrics, "intent_worker_consumer_lag"),
                     "health": status,
                     "cpu_s": worker.cpu_seconds(),
                 }
@@ -433,6 +440,13 @@ def redis_outage(args: argparse.Namespace, rows: list[tuple[str, str]], tmp: Pat
                 * 1000,
                 3,
             ),
+            "mean_in_worker_latency_ms": round(
+                (float(last["latency_sum"]) - float(first["latency_sum"]))  # type: ignore[arg-type]
+                / max(1.0, float(last["latency_count"]) - float(first["latency_count"]))  # type: ignore[arg-type]
+                * 1000,
+                1,
+            ),
+            "max_consumer_lag": max((float(s["lag"]) for s in inside), default=None),  # type: ignore[arg-type]
             "samples_kept": float(last["kept"]) - float(first["kept"]),  # type: ignore[arg-type]
             "samples_dropped": {k: v for k, v in dropped.items() if v},
             "health_not_ok_scrapes": sum(s["health"] != 200 for s in inside),
@@ -472,8 +486,9 @@ def redis_outage(args: argparse.Namespace, rows: list[tuple[str, str]], tmp: Pat
         "buffer_events": Counter(e for e in events if str(e).startswith("buffer_")),
         "same_pid": same_pid,
         "alive": alive,
-        "how": "labels/s from the worker's intent_worker_labels_total scraped every second; the offered "
-        "rate is above one worker's capacity, so each phase measures labelling capacity",
+        "how": "a steady run at a fixed offered rate below one worker's capacity; per phase, from /metrics "
+        "scraped every second: labels/s (intent_worker_labels_total), mean in-worker latency "
+        "(intent_worker_latency_seconds), worker CPU per 1,000 labels, the largest consumer lag",
     }
     print(
         f"  labels/s per phase {[p['labels_per_s'] for p in phases.values()]}, resumed {resumed} s",

@@ -10,13 +10,20 @@ worker). A short wait costs only idle fetches: one per partition leader per wait
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+# Under "faust", whose INFO chatter the worker's logging config keeps quiet (mode would name them
+# after this module otherwise, and log every start and stop at INFO).
+_LOGGER = logging.getLogger(f"faust.{__name__}")
+
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    logger = _LOGGER
+
     def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> Any:
         consumer = super()._create_worker_consumer(transport)
         if not hasattr(consumer, "_fetch_max_wait_ms"):  # read by AIOKafkaConsumer.start() for its Fetcher
@@ -28,6 +35,8 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class _Consumer(faust_aiokafka.Consumer):
+    logger = _LOGGER
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 

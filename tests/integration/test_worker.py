@@ -313,6 +313,9 @@ def test_sigterm_finishes_commits_and_a_restart_labels_nothing_twice(
         assert first.terminate() == 0
     events = [e.get("event") for e in first.log_events()]
     assert "worker_stopped" in events and "classifier_failed" not in events
+    # faust's, mode's and aiokafka's own INFO chatter (start, stop, ...) stays out of the log.
+    chatter = [e for e in first.log_events() if "logger" in e and e.get("level") in ("debug", "info")]
+    assert chatter == []
     labelled_first = consume(broker.bootstrap, [INTENTS], lambda rs: False, timeout_s=1.0)
     assert 300 <= len(labelled_first) < total  # stopped part-way
 
