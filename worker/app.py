@@ -25,11 +25,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from worker.agents import FaustEmitter, WorkerState, register_classifier
 from worker.buffer import RedisBufferSink
 from worker.config import Settings
-from worker.errors import ServiceError
+from worker.errors import ModelError, ServiceError
 from worker.inference import Student, classify_chunked
 from worker.logging import stdlib_logging_config
 from worker.metrics import PartitionLag, WorkerCollector, WorkerMetrics, lag_by_partition
 from worker.pipeline import Pipeline, PipelineOptions
+from worker.registry import Registry, Release
 from worker.sampling import BufferCounters, Sampler, SamplingPolicy
 from worker.transport import use_fetch_wait
 
@@ -51,6 +52,75 @@ class Worker:
     sink: RedisBufferSink
     executor: ThreadPoolExecutor
     web_url: str
+    watcher: ModelWatcher
+
+
+class ModelWatcher:
+    """Hot reload: serve whatever ``current.json`` of the registry names, once it loads.
+
+    A new version is loaded and probed off the event loop, then swapped in whole between two
+    micro-batches; a version that fails to load is logged and counted, and the worker keeps
+    serving the one it has (and tries again only when the pointer changes).
+    """
+
+    def __init__(
+        self, registry: Registry, pipeline: Pipeline, metrics: WorkerMetrics, settings: Settings
+    ) -> None:
+        self.registry = registry
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.settings = settings
+        self.stamp = registry.stamp()
+        self.labels: tuple[str, ...] | None = None
+
+    async def check(self) -> None:
+        stamp = self.registry.stamp()
+        if stamp == self.stamp:
+            return
+        self.stamp = stamp
+        try:
+            release = self.registry.current()
+            if release is None or release.version == self.pipeline.model_version:
+                return
+            student = await asyncio.to_thread(self.load, release)
+        except ModelError as exc:
+            self.metrics.model_reloads.labels("failed").inc()
+            log.error("model_reload_failed", serving=self.pipeline.model_version, error=str(exc))
+            return
+        if self.labels is not None and student.labels != self.labels:
+            log.warning("model_labels_changed", old=list(self.labels), new=list(student.labels))
+        self.labels = student.labels
+        old = self.pipeline.swap(
+            partial(classify_chunked, student=student, rows=self.settings.inference_rows), student.version
+        )
+        self.metrics.serving(student.version)
+        self.metrics.model_reloads.labels("ok").inc()
+        log.info("model_reloaded", old=old, new=student.version, action=release.action)
+
+    def load(self, release: Release) -> Student:
+        student = Student(self.registry.directory(release), threads=self.settings.inference_threads)
+        if student.version != release.version:
+            raise ModelError(
+                f"{release.path} holds version {student.version}, the pointer says {release.version}"
+            )
+        return student
+
+
+def initial_student(settings: Settings) -> Student:
+    """The model to start with: the registry's current version, else the first previous one that
+    loads, else ``student_dir`` (a broken promotion never keeps a new worker from starting)."""
+    registry = Registry(settings.registry_dir)
+    try:
+        releases = [r for r in (registry.current(), *reversed(registry.history())) if r is not None]
+    except ModelError as exc:
+        log.error("registry_unreadable", registry=str(settings.registry_dir), error=str(exc))
+        releases = []
+    for release in releases:
+        try:
+            return Student(registry.directory(release), threads=settings.inference_threads)
+        except ModelError as exc:
+            log.error("registry_model_unusable", version=release.version, error=str(exc))
+    return Student(settings.student_dir, threads=settings.inference_threads)
 
 
 def resolve_web_port(settings: Settings) -> int:
@@ -125,13 +195,23 @@ def build_worker(
         ),
     )
     state = WorkerState()
-    metrics.model_info.labels(student.version).set(1)
+    metrics.serving(student.version)
     metrics.attach(WorkerCollector(counters, lambda: sink.length, lambda: consumer_lag(app)))
     register_classifier(app, pipeline, state, max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
+    watcher = ModelWatcher(Registry(settings.registry_dir), pipeline, metrics, settings)
+    watcher.labels = student.labels
     worker = Worker(
-        app, state, pipeline, metrics, sink, executor, web_url=f"http://{settings.web_host}:{web_port}"
+        app,
+        state,
+        pipeline,
+        metrics,
+        sink,
+        executor,
+        web_url=f"http://{settings.web_host}:{web_port}",
+        watcher=watcher,
     )
-    _add_views(worker, student)
+    app.timer(settings.model_poll_interval_s)(watcher.check)
+    _add_views(worker)
     _add_hooks(worker)
     return worker
 
@@ -147,11 +227,11 @@ def consumer_lag(app: faust.App) -> list[PartitionLag]:
     return lag_by_partition(ends, monitor.tp_committed_offsets)
 
 
-def health(worker: Worker, student: Student) -> tuple[int, dict[str, Any]]:
+def health(worker: Worker) -> tuple[int, dict[str, Any]]:
     """(HTTP status, body): 200 once the worker has joined its group and nothing failed."""
     state, app = worker.state, worker.app
     body: dict[str, Any] = {
-        "model_version": student.version,
+        "model_version": worker.pipeline.model_version,
         "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in state.assigned or ()),
         "batches": state.batches,
         "inflight": worker.pipeline.inflight,
@@ -169,14 +249,14 @@ def health(worker: Worker, student: Student) -> tuple[int, dict[str, Any]]:
     return 200, body
 
 
-def _add_views(worker: Worker, student: Student) -> None:
+def _add_views(worker: Worker) -> None:
     app = worker.app
 
     async def metrics_view(view: View, request: Request) -> Response:
         return view.bytes(worker.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health_view(view: View, request: Request) -> Response:
-        status, body = health(worker, student)
+        status, body = health(worker)
         return view.json(body, status=status)
 
     app.page("/metrics")(metrics_view)

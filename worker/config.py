@@ -131,10 +131,36 @@ class Settings(BaseSettings):
         description="Buffer writes in flight at once; samples of further batches are dropped (backlog).",
     )
 
+    # The labelling job and the distillation datasets.
+    dataset_dir: str = Field(
+        default=str(REPO_ROOT / ".cache" / "datasets" / "buffer"),
+        description="Dataset the labelling job writes: a directory or any fsspec URL (s3://...).",
+    )
+    labeller_group: str = Field(
+        default="labellers", min_length=1, description="Redis consumer group the labelling jobs share."
+    )
+    labeller_shard_rows: int = Field(
+        default=1024, ge=1, description="Buffer entries labelled and written as one Parquet shard."
+    )
+    labeller_claim_idle_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A buffer entry pending this long with a labeller that stopped is taken over.",
+    )
+
+    # The model registry: what `promote` publishes and the workers serve.
+    registry_dir: Path = Field(
+        default=MODELS_DIR / "registry",
+        description="Promoted models and current.json, the version workers serve (a shared volume in production).",
+    )
+    model_poll_interval_s: float = Field(
+        default=2.0, gt=0, description="How often a worker checks the registry for a newly promoted model."
+    )
+
     # The streaming worker (Faust).
     student_dir: Path = Field(
         default=MODELS_DIR / "student",
-        description="The student the worker serves (model.onnx, tokenizer, labels, card).",
+        description="The student the worker serves until a model is promoted in the registry.",
     )
     inference_threads: int = Field(
         default=1, ge=1, description="onnxruntime threads for the student, per worker process."

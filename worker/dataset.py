@@ -1,43 +1,65 @@
 """Versioned distillation datasets: Parquet shards plus an atomically replaced manifest.
 
-A dataset directory holds ``shard-<id>.parquet`` files and ``manifest.json``::
+A dataset is a directory (a local path, or any fsspec URL such as ``s3://bucket/ds``)
+holding ``shard-<id>.parquet`` files and ``manifest.json`` (``schemas/dataset_manifest.v1.json``)::
 
-    {"dataset_version": 3, "schema_version": 1, "teacher": {"id": ..., "labels": [...]},
-     "shards": [{"name": ..., "rows": n, "sha256": ...}, ...],
-     "counts": {"<locale>": {"<label>": n}}, "time_range": [t0, t1], "notes": [...]}
+    {"dataset_version": 3, "schema_version": 1,
+     "teacher": {"id": "name@hash", "hash": "hash", "labels": [...]},
+     "shards": [{"name": ..., "file": ..., "rows": n, "sha256": ..., "written_at": t}, ...],
+     "counts": {"<locale>": {"<label>": n}}, "time_range": [t0, t1],
+     "runs": [{"run": ..., "rows": n, "disagreement": {"<locale>": {"n": n, "rate": r}}}, ...],
+     "notes": [...]}
 
-Each shard is written to a temporary file, fsynced and renamed into place; the manifest is
-rewritten the same way after it, so a crash leaves either the old or the new manifest and at
-worst an orphan shard that no manifest lists. A shard's name comes from the caller (e.g. a
-hash of the entries it covers), so writing the same entries twice yields one shard.
+**Crash safety.** A shard is written whole under its final name (locally: a temporary file,
+fsynced, renamed), then published by rewriting the manifest the same way. A crash leaves the
+old or the new manifest, and at worst an orphan shard that no manifest lists (readers ignore
+it; ``compact`` removes it). A shard's name comes from the caller (a hash of the entries it
+covers), so writing the same entries twice yields one shard. Rows that carry a ``buffer_id``
+(the Redis entry they came from) are also de-duplicated one by one at publication, under the
+dataset's lock, so two writers racing on the same entries never both publish them.
 
-Rows: id, text, locale, teacher_logits (list<float32>), teacher_label, source, weight, and
-optional student_logits, model_version, stratum, sampled_at, labelled_at.
+**Concurrency.** Publication is a read-modify-write of the manifest under a lock: ``flock`` on
+a local directory, or whatever lock the caller passes (the labelling job uses a Redis lock,
+which also covers object stores).
+
+Rows (``schemas/dataset_row.v1.json``): id, text, locale, teacher_logits (list<float32>),
+teacher_label, source, weight, and optional student_logits, model_version, stratum,
+buffer_id, sampled_at, labelled_at.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import io
 import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from worker.errors import DataError, MissingExtra
-
-SCHEMA_VERSION = 1
 
 try:
     import pyarrow as pa
     import pyarrow.parquet as pq
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingExtra("teacher", "pyarrow") from exc
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ORPHAN_GRACE_S = 600.0  # a shard younger than this may be a writer's commit in progress
 
 SCHEMA = pa.schema(
     [
@@ -51,10 +73,13 @@ SCHEMA = pa.schema(
         ("student_logits", pa.list_(pa.float32())),
         ("model_version", pa.string()),
         ("stratum", pa.string()),
+        ("buffer_id", pa.string()),
         ("sampled_at", pa.float64()),
         ("labelled_at", pa.float64()),
     ]
 )
+
+Lock = Callable[[], AbstractContextManager[object]]
 
 
 @dataclass
@@ -71,15 +96,24 @@ class ShardRows:
     student_logits: list[Sequence[float] | None] = field(default_factory=list)
     model_versions: list[str | None] = field(default_factory=list)
     strata: list[str | None] = field(default_factory=list)
+    buffer_ids: list[str | None] = field(default_factory=list)
     sampled_at: list[float | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def select(self, keep: Sequence[bool]) -> ShardRows:
+        """The rows where ``keep`` is true (optional columns stay empty if they were)."""
+
+        def pick(values: list[Any]) -> list[Any]:
+            return [v for v, k in zip(values, keep, strict=True)] if len(values) == len(keep) else values
+
+        return ShardRows(**{name: pick(getattr(self, name)) for name in self.__dataclass_fields__})
+
     def table(self, labelled_at: float) -> pa.Table:
         n = len(self)
 
-        def column(values: list[object], default: object = None) -> list[object]:
+        def column(values: list[Any], default: object = None) -> list[Any]:
             return values if len(values) == n else [default] * n
 
         return pa.table(
@@ -89,35 +123,21 @@ class ShardRows:
                 "locale": self.locales,
                 "teacher_logits": [np.asarray(v, np.float32).tolist() for v in self.teacher_logits],
                 "teacher_label": self.teacher_labels,
-                "source": column(self.sources, ""),  # type: ignore[arg-type]
-                "weight": column(self.weights, 1.0),  # type: ignore[arg-type]
-                "student_logits": column(self.student_logits),  # type: ignore[arg-type]
-                "model_version": column(self.model_versions),  # type: ignore[arg-type]
-                "stratum": column(self.strata),  # type: ignore[arg-type]
-                "sampled_at": column(self.sampled_at),  # type: ignore[arg-type]
+                "source": column(self.sources, ""),
+                "weight": column(self.weights, 1.0),
+                "student_logits": column(self.student_logits),
+                "model_version": column(self.model_versions),
+                "stratum": column(self.strata),
+                "buffer_id": column(self.buffer_ids),
+                "sampled_at": column(self.sampled_at),
                 "labelled_at": [labelled_at] * n,
             },
             schema=SCHEMA,
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; datasets are shared with other jobs
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def sha256_bytes(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -128,85 +148,276 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def read_manifest(directory: Path) -> dict[str, object]:
-    path = directory / "manifest.json"
-    if not path.exists():
-        raise DataError(f"{directory} is not a dataset: no manifest.json")
+class Store:
+    """Where a dataset's files live: a local directory, or any fsspec URL.
+
+    Locally a write goes to a temporary file, is fsynced and renamed into place, and the
+    directory is fsynced: the file appears whole or not at all. On an object store a single
+    PUT of the final name has the same all-or-nothing property.
+    """
+
+    def __init__(self, location: str | Path) -> None:
+        text = str(location)
+        self.location = text
+        self.local: Path | None = None
+        self.fs: Any = None
+        if "://" in text and not text.startswith("file://"):
+            try:
+                import fsspec  # type: ignore[import-untyped]
+            except ImportError as exc:  # pragma: no cover - fsspec comes with the teacher extra
+                raise MissingExtra("teacher", "fsspec") from exc
+            self.fs, self.root = fsspec.core.url_to_fs(text)
+        else:
+            self.local = Path(text.removeprefix("file://"))
+            self.root = str(self.local)
+
+    def _path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def makedirs(self) -> None:
+        if self.local is not None:
+            self.local.mkdir(parents=True, exist_ok=True)
+        else:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        if self.local is not None:
+            return (self.local / name).exists()
+        return bool(self.fs.exists(self._path(name)))
+
+    def read_bytes(self, name: str) -> bytes:
+        if self.local is not None:
+            return (self.local / name).read_bytes()
+        data: bytes = self.fs.cat_file(self._path(name))
+        return data
+
+    def open(self, name: str) -> IO[bytes]:
+        if self.local is not None:
+            return (self.local / name).open("rb")
+        handle: IO[bytes] = self.fs.open(self._path(name), "rb")
+        return handle
+
+    def write_atomic(self, name: str, payload: bytes) -> None:
+        if self.local is None:
+            self.fs.pipe_file(self._path(name), payload)
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.local, prefix=f".{name}.")
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; datasets are shared with other jobs
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.local / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.local)
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.local is not None:
+                (self.local / name).unlink()
+            else:
+                self.fs.rm_file(self._path(name))
+
+    def files(self) -> dict[str, float]:
+        """Every file's name and modification time (seconds since the epoch)."""
+        if self.local is not None:
+            if not self.local.is_dir():
+                return {}
+            return {p.name: p.stat().st_mtime for p in self.local.iterdir() if p.is_file()}
+        out: dict[str, float] = {}
+        for info in self.fs.ls(self.root, detail=True):
+            modified = info.get("mtime") or info.get("LastModified") or info.get("created") or time.time()
+            stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+            out[str(info["name"]).rstrip("/").rsplit("/", 1)[-1]] = stamp
+        return out
+
+    def default_lock(self) -> AbstractContextManager[object]:
+        """``flock`` on ``.lock`` locally; on a URL, no lock (pass one to the writer)."""
+        if self.local is None:
+            return contextlib.nullcontext()
+        return _flock(self.local / ".lock")
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[object]:
+    with path.open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield fh
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _parse_manifest(store: Store) -> dict[str, Any]:
+    if not store.exists(MANIFEST):
+        raise DataError(f"{store.location} is not a dataset: no {MANIFEST}")
     try:
-        manifest: dict[str, object] = json.loads(path.read_text())
+        manifest: dict[str, Any] = json.loads(store.read_bytes(MANIFEST))
     except ValueError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+        raise DataError(f"{store.location}/{MANIFEST} is not valid JSON: {exc}") from exc
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{path}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}")
+        raise DataError(
+            f"{store.location}/{MANIFEST}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}"
+        )
+    manifest.setdefault("runs", [])
+    manifest.setdefault("notes", [])
     return manifest
 
 
-class DatasetWriter:
-    """Appends shards to a dataset directory and keeps its manifest current."""
+def read_manifest(location: str | Path) -> dict[str, Any]:
+    return _parse_manifest(Store(location))
 
-    def __init__(self, directory: Path, teacher_id: str, labels: Sequence[str]) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        if (directory / "manifest.json").exists():
-            self.manifest = read_manifest(directory)
-            teacher = self.manifest["teacher"]
-            assert isinstance(teacher, dict)
-            if list(teacher["labels"]) != list(labels):
-                raise DataError(f"{directory}: dataset labels {teacher['labels']} differ from {list(labels)}")
-        else:
-            self.manifest = {
-                "dataset_version": 0,
-                "schema_version": SCHEMA_VERSION,
-                "teacher": {"id": teacher_id, "labels": list(labels)},
-                "shards": [],
-                "counts": {},
-                "time_range": None,
-                "notes": [],
-            }
+
+def _write_manifest(store: Store, manifest: dict[str, Any]) -> None:
+    store.write_atomic(MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _teacher_hash(teacher_id: str) -> str:
+    return teacher_id.rpartition("@")[2] if "@" in teacher_id else sha256_bytes(teacher_id.encode())[:16]
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What publishing a shard did."""
+
+    name: str  # the shard as published (differs from the asked name when rows were dropped)
+    rows: int  # rows published (0: nothing new)
+    duplicates: int  # rows dropped because their buffer entry is already in the dataset
+
+
+class DatasetWriter:
+    """Appends shards to a dataset and keeps its manifest current; safe with several writers."""
+
+    def __init__(
+        self,
+        location: str | Path,
+        teacher_id: str,
+        labels: Sequence[str],
+        *,
+        lock: Lock | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = Store(location)
+        self.location = self.store.location
+        self.lock: Lock = lock or self.store.default_lock
+        self.clock = clock
+        self.store.makedirs()
+        self._entries: set[str] = set()  # buffer ids of the shards in _indexed
+        self._indexed: set[str] = set()
+        with self.lock():
+            if self.store.exists(MANIFEST):
+                self.manifest = _parse_manifest(self.store)
+                if list(self.manifest["teacher"]["labels"]) != list(labels):
+                    raise DataError(
+                        f"{self.location}: dataset labels {self.manifest['teacher']['labels']} differ from {list(labels)}"
+                    )
+            else:
+                self.manifest = {
+                    "dataset_version": 0,
+                    "schema_version": SCHEMA_VERSION,
+                    "teacher": {"id": teacher_id, "hash": _teacher_hash(teacher_id), "labels": list(labels)},
+                    "shards": [],
+                    "counts": {},
+                    "time_range": None,
+                    "runs": [],
+                    "notes": [],
+                }
+                _write_manifest(self.store, self.manifest)
 
     def has_shard(self, name: str) -> bool:
-        shards = self.manifest["shards"]
-        assert isinstance(shards, list)
-        return any(s["name"] == name for s in shards)
+        return any(s["name"] == name for s in self.manifest["shards"])
 
-    def write_shard(self, name: str, rows: ShardRows, note: dict[str, object] | None = None) -> Path:
+    def refresh(self) -> None:
+        """Re-read the manifest (other writers may have published) and index new shards' entries."""
+        self.manifest = _parse_manifest(self.store)
+        for shard in self.manifest["shards"]:
+            if shard["name"] in self._indexed:
+                continue
+            with self.store.open(shard["file"]) as fh:
+                parquet = pq.ParquetFile(fh)
+                if "buffer_id" in parquet.schema_arrow.names:
+                    column = parquet.read(columns=["buffer_id"]).column("buffer_id").to_pylist()
+                    self._entries.update(v for v in column if v is not None)
+            self._indexed.add(shard["name"])
+
+    def known_entries(self, buffer_ids: Sequence[str]) -> list[bool]:
+        """Which of ``buffer_ids`` the dataset already holds (as of the last refresh)."""
+        return [b in self._entries for b in buffer_ids]
+
+    def write_shard(self, name: str, rows: ShardRows, note: dict[str, object] | None = None) -> Commit:
         """Write ``rows`` as shard ``name`` and publish it in the manifest (idempotent)."""
-        path = self.directory / f"shard-{name}.parquet"
         if self.has_shard(name):
-            return path
-        now = time.time()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".shard-{name}.")
-        os.fchmod(fd, 0o644)
-        os.close(fd)
-        pq.write_table(rows.table(now), tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.directory)
-        shards = self.manifest["shards"]
-        counts = self.manifest["counts"]
-        assert isinstance(shards, list) and isinstance(counts, dict)
-        shards.append(
-            {"name": name, "file": path.name, "rows": len(rows), "sha256": _sha256(path), "written_at": now}
+            return Commit(name, 0, 0)
+        now = self.clock()
+        payload = _table_bytes(rows.table(now))
+        self.store.write_atomic(f"shard-{name}.parquet", payload)
+        with self.lock():
+            self.refresh()
+            if self.has_shard(name):
+                return Commit(name, 0, 0)
+            duplicates = 0
+            if rows.buffer_ids:
+                fresh = [b is None or b not in self._entries for b in rows.buffer_ids]
+                duplicates = len(fresh) - sum(fresh)
+                if duplicates:
+                    # Another writer published some of these entries first: publish only the rest.
+                    self.store.delete(f"shard-{name}.parquet")
+                    rows = rows.select(fresh)
+                    if not rows:
+                        log.info("shard_duplicate", shard=name, duplicates=duplicates)
+                        return Commit(name, 0, duplicates)
+                    name = sha256_bytes(f"{name}:{','.join(str(b) for b in rows.buffer_ids)}".encode())[:20]
+                    payload = _table_bytes(rows.table(now))
+                    self.store.write_atomic(f"shard-{name}.parquet", payload)
+            self._publish(name, rows, payload, now, note)
+        return Commit(name, len(rows), duplicates)
+
+    def _publish(
+        self, name: str, rows: ShardRows, payload: bytes, now: float, note: dict[str, object] | None
+    ) -> None:
+        manifest = self.manifest
+        manifest["shards"].append(
+            {
+                "name": name,
+                "file": f"shard-{name}.parquet",
+                "rows": len(rows),
+                "sha256": sha256_bytes(payload),
+                "written_at": now,
+            }
         )
+        counts = manifest["counts"]
         for locale, label in zip(rows.locales, rows.teacher_labels, strict=True):
             per_locale = counts.setdefault(locale, {})
             per_locale[label] = per_locale.get(label, 0) + 1
         stamps = [t for t in rows.sampled_at if t is not None] or [now]
-        old = self.manifest["time_range"]
         lo, hi = min(stamps), max(stamps)
-        if isinstance(old, list):
-            lo, hi = min(lo, old[0]), max(hi, old[1])
-        self.manifest["time_range"] = [lo, hi]
+        if isinstance(manifest["time_range"], list):
+            lo, hi = min(lo, manifest["time_range"][0]), max(hi, manifest["time_range"][1])
+        manifest["time_range"] = [lo, hi]
         if note:
-            notes = self.manifest["notes"]
-            assert isinstance(notes, list)
-            notes.append({"shard": name, **note})
-        version = self.manifest["dataset_version"]
-        assert isinstance(version, int)
-        self.manifest["dataset_version"] = version + 1
-        _atomic_write(self.directory / "manifest.json", json.dumps(self.manifest, indent=1).encode())
-        return path
+            manifest["notes"].append({"shard": name, **note})
+        manifest["dataset_version"] += 1
+        _write_manifest(self.store, manifest)
+        self._entries.update(b for b in rows.buffer_ids if b is not None)
+        self._indexed.add(name)
+
+    def add_run(self, run: dict[str, object]) -> None:
+        """Record one labelling run (its drift line) in the manifest."""
+        with self.lock():
+            self.manifest = _parse_manifest(self.store)
+            self.manifest["runs"].append(run)
+            self.manifest["dataset_version"] += 1
+            _write_manifest(self.store, self.manifest)
 
 
 @dataclass(frozen=True)
@@ -218,30 +429,121 @@ class Batch:
     sources: list[str]
 
 
-def iter_batches(directory: Path, batch_size: int = 4096) -> Iterator[Batch]:
+def iter_batches(location: str | Path, batch_size: int = 4096) -> Iterator[Batch]:
     """Stream every row of the dataset's listed shards, in manifest order."""
-    manifest = read_manifest(directory)
-    shards = manifest["shards"]
-    assert isinstance(shards, list)
-    for shard in shards:
-        path = directory / str(shard["file"])
-        if not path.exists():
-            raise DataError(f"{directory}: manifest lists {path.name}, which is missing")
-        parquet = pq.ParquetFile(path)
-        for record in parquet.iter_batches(
-            batch_size=batch_size, columns=["id", "text", "locale", "teacher_logits", "source"]
-        ):
-            logits = record.column("teacher_logits").to_pylist()
-            yield Batch(
-                texts=record.column("text").to_pylist(),
-                locales=record.column("locale").to_pylist(),
-                teacher_logits=np.asarray(logits, dtype=np.float32),
-                ids=record.column("id").to_pylist(),
-                sources=record.column("source").to_pylist(),
+    store = Store(location)
+    for shard in _parse_manifest(store)["shards"]:
+        if not store.exists(shard["file"]):
+            raise DataError(f"{store.location}: manifest lists {shard['file']}, which is missing")
+        with store.open(shard["file"]) as fh:
+            parquet = pq.ParquetFile(fh)
+            for record in parquet.iter_batches(
+                batch_size=batch_size, columns=["id", "text", "locale", "teacher_logits", "source"]
+            ):
+                logits = record.column("teacher_logits").to_pylist()
+                yield Batch(
+                    texts=record.column("text").to_pylist(),
+                    locales=record.column("locale").to_pylist(),
+                    teacher_logits=np.asarray(logits, dtype=np.float32),
+                    ids=record.column("id").to_pylist(),
+                    sources=record.column("source").to_pylist(),
+                )
+
+
+def dataset_labels(location: str | Path) -> tuple[str, ...]:
+    return tuple(read_manifest(location)["teacher"]["labels"])
+
+
+def orphans(store: Store, manifest: dict[str, Any]) -> dict[str, float]:
+    """Shard and temporary files no manifest lists, with their age in seconds."""
+    listed = {s["file"] for s in manifest["shards"]}
+    now = time.time()
+    return {
+        name: now - mtime
+        for name, mtime in store.files().items()
+        if name not in listed and (name.startswith("shard-") or name.startswith(".shard-"))
+    }
+
+
+def stats(location: str | Path) -> dict[str, Any]:
+    """What ``intent-worker dataset stats`` prints: sizes, counts, time range, drift, orphans."""
+    store = Store(location)
+    manifest = _parse_manifest(store)
+    counts: dict[str, dict[str, int]] = manifest["counts"]
+    labels: list[str] = manifest["teacher"]["labels"]
+    totals = {label: sum(c.get(label, 0) for c in counts.values()) for label in labels}
+    return {
+        "location": store.location,
+        "dataset_version": manifest["dataset_version"],
+        "teacher": manifest["teacher"],
+        "rows": sum(int(s["rows"]) for s in manifest["shards"]),
+        "shards": len(manifest["shards"]),
+        "time_range": manifest["time_range"],
+        "per_label": totals,
+        "per_locale": {locale: dict(sorted(c.items())) for locale, c in sorted(counts.items())},
+        "runs": manifest["runs"][-5:],
+        "orphans": sorted(orphans(store, manifest)),
+    }
+
+
+def compact(
+    location: str | Path,
+    *,
+    target_rows: int = 100_000,
+    lock: Lock | None = None,
+    grace_s: float = ORPHAN_GRACE_S,
+) -> dict[str, int]:
+    """Merge runs of small shards into shards of about ``target_rows``; drop old orphans.
+
+    The new shards are written first, then the manifest is swapped in one atomic write, and only
+    then are the old files deleted: a crash at any point leaves a consistent dataset.
+    """
+    store = Store(location)
+    with (lock or store.default_lock)():
+        manifest = _parse_manifest(store)
+        groups: list[list[dict[str, Any]]] = [[]]
+        for shard in manifest["shards"]:
+            if groups[-1] and sum(s["rows"] for s in groups[-1]) + shard["rows"] > target_rows:
+                groups.append([])
+            groups[-1].append(shard)
+        merged: list[dict[str, Any]] = []
+        retired: list[str] = []
+        for group in groups:
+            if len(group) < 2:
+                merged.extend(group)
+                continue
+            table = pa.concat_tables([_read_shard(store, shard) for shard in group])
+            name = sha256_bytes(":".join(s["name"] for s in group).encode())[:20]
+            payload = _table_bytes(table)
+            store.write_atomic(f"shard-{name}.parquet", payload)
+            merged.append(
+                {
+                    "name": name,
+                    "file": f"shard-{name}.parquet",
+                    "rows": table.num_rows,
+                    "sha256": sha256_bytes(payload),
+                    "written_at": time.time(),
+                    "compacted_from": [s["name"] for s in group],
+                }
             )
+            retired.extend(s["file"] for s in group)
+        before = len(manifest["shards"])
+        manifest["shards"] = merged
+        manifest["dataset_version"] += 1
+        _write_manifest(store, manifest)
+        for name in retired:
+            store.delete(name)
+        stale = [name for name, age in orphans(store, manifest).items() if age >= grace_s]
+        for name in stale:
+            store.delete(name)
+    return {"shards_before": before, "shards_after": len(merged), "orphans_removed": len(stale)}
 
 
-def dataset_labels(directory: Path) -> tuple[str, ...]:
-    teacher = read_manifest(directory)["teacher"]
-    assert isinstance(teacher, dict)
-    return tuple(teacher["labels"])
+def _read_shard(store: Store, shard: dict[str, Any]) -> pa.Table:
+    """A whole shard in :data:`SCHEMA`; columns added since it was written come back as nulls."""
+    with store.open(shard["file"]) as fh:
+        table = pq.read_table(fh)
+    for column in SCHEMA:
+        if column.name not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+    return table.select(SCHEMA.names).cast(SCHEMA)

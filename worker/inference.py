@@ -117,6 +117,13 @@ def classify_chunked(texts: Sequence[str], student: Student, rows: int) -> tuple
     measured CPU student runs ~1.5x faster in chunks of 32 than in one batch of 256.
     """
     started = time.perf_counter()
+    values = chunked_logits(texts, student, rows)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    return predictions(student.labels, values), elapsed_ms
+
+
+def chunked_logits(texts: Sequence[str], student: Student, rows: int) -> Logits:
+    """Logits for ``texts`` in their order, computed ``rows`` at a time in order of length."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = [
         student.logits([texts[i] for i in order[start : start + rows]])
@@ -125,5 +132,4 @@ def classify_chunked(texts: Sequence[str], student: Student, rows: int) -> tuple
     values = np.concatenate(chunks) if chunks else np.zeros((0, len(student.labels)), np.float32)
     restored = np.empty_like(values)
     restored[np.asarray(order, dtype=np.int64)] = values
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    return predictions(student.labels, restored), elapsed_ms
+    return restored

@@ -1,25 +1,52 @@
 """Labelling: run the teacher over texts and write distillation datasets.
 
-`label_files` seeds a dataset from JSONL files (the development corpus); the streaming
-labelling job that drains the Redis buffer builds on the same writer.
+Two entry points share the dataset writer:
+
+- :func:`label_rows` seeds a dataset from JSONL files (the development corpus).
+- :class:`BufferLabeller` is the labelling job: it drains the Redis buffer the workers sample
+  into, through a consumer group so several labellers share the work.
+
+**The job's delivery contract.** A buffer entry is acknowledged (``XACK`` + ``XDEL``, in one
+transaction) only after the shard holding it is durably written and published in the
+manifest. An entry read by a labeller that dies stays pending; the same consumer reads it
+again when it restarts (``XREADGROUP ... 0``), and any labeller claims it once it has been
+idle for ``claim_idle_s`` (``XAUTOCLAIM``). Re-labelled entries never become duplicate rows:
+a shard is named by the entries it covers, and the dataset drops, at publication, any row
+whose buffer entry it already holds. Unreadable entries go to a dead-letter stream with
+their original bytes and the reason, and are acknowledged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis import Redis
+from redis.exceptions import ResponseError
 
 from worker.corpus import read_jsonl
-from worker.dataset import DatasetWriter, ShardRows
+from worker.dataset import Commit, DatasetWriter, ShardRows
+from worker.errors import BadInput
+from worker.sampling import UNKNOWN_LOCALE
+from worker.schemas import BufferSample
 from worker.teacher import Teacher
+from worker.topics import BUFFER_FIELD, buffer_dead_key, buffer_key, dataset_lock_key
 
 log = structlog.get_logger(__name__)
+
+DEAD_STREAM_MAXLEN = 100_000
+#: The dataset lock expires this long after a holder died (its critical section takes milliseconds:
+#: re-read the manifest, index new shards, rewrite the manifest).
+LOCK_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +70,14 @@ def rows_from_files(paths: Iterable[Path], split: str | None, with_translations:
                 yield SourceRow(f"{rid}:en", str(row["en"]), "en", f"{path.name}:en")
 
 
+def shard_name(teacher: Teacher, keys: Iterable[str]) -> str:
+    """A shard's identity: the teacher that labelled it and the entries it covers."""
+    digest = hashlib.sha256(teacher.identity.encode())
+    for key in keys:
+        digest.update(key.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()[:20]
+
+
 def label_rows(
     teacher: Teacher,
     rows: Iterable[SourceRow],
@@ -54,11 +89,7 @@ def label_rows(
     iterator = iter(rows)
     written = 0
     while chunk := list(islice(iterator, shard_rows)):
-        # A shard's identity is the entries it covers and the teacher that labelled them.
-        digest = hashlib.sha256(teacher.identity.encode())
-        for row in chunk:
-            digest.update(row.id.encode() + b"\0" + row.text.encode("utf-8", "surrogatepass") + b"\0")
-        name = digest.hexdigest()[:20]
+        name = shard_name(teacher, (f"{r.id}\0{r.text}" for r in chunk))
         if writer.has_shard(name):
             log.info("shard_exists", shard=name, rows=len(chunk))
         else:
@@ -77,3 +108,344 @@ def label_rows(
         if progress is not None:
             progress(len(chunk))
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The labelling job on the Redis buffer.
+
+
+@dataclass(frozen=True)
+class LabellerOptions:
+    """The job's knobs; see :class:`worker.config.Settings` (``labeller_*``)."""
+
+    prefix: str
+    group: str = "labellers"
+    consumer: str = "labeller"
+    shard_rows: int = 1024  # entries read, labelled and written as one shard
+    claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead labeller
+    block_s: float = 0.2  # how long a read waits for new entries before the run ends
+
+
+@dataclass
+class RunReport:
+    """One run of the job: what it read, wrote and measured (a line in the manifest)."""
+
+    run: str
+    started: float
+    finished: float = 0.0
+    entries: int = 0  # buffer entries handled (labelled, duplicate, bad or trimmed)
+    rows: int = 0  # rows published in the dataset
+    duplicates: int = 0  # entries the dataset already held (re-delivered after a crash)
+    bad: int = 0  # unreadable entries, dead-lettered
+    trimmed: int = 0  # pending entries the stream had already trimmed (lost before labelling)
+    claimed: int = 0  # entries taken over from a labeller that stopped
+    shards: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("redis", "decode", "teacher", "write"), 0.0)
+    )
+    disagreement: dict[str, list[int]] = field(default_factory=dict)  # locale -> [n, disagreements]
+
+    def to_manifest(self) -> dict[str, object]:
+        total = [sum(v[0] for v in self.disagreement.values()), sum(v[1] for v in self.disagreement.values())]
+        return {
+            "run": self.run,
+            "started": self.started,
+            "finished": self.finished,
+            "entries": self.entries,
+            "rows": self.rows,
+            "duplicates": self.duplicates,
+            "bad": self.bad,
+            "trimmed": self.trimmed,
+            "claimed": self.claimed,
+            "shards": self.shards,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "disagreement": {
+                locale: {"n": n, "rate": round(d / n, 4) if n else 0.0}
+                for locale, (n, d) in sorted({**self.disagreement, "*": total}.items())
+            },
+        }
+
+
+class LabellerMetrics:
+    """The job's Prometheus metrics (served with ``--metrics-port``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.entries = Counter(
+            "intent_labeller_entries",
+            "Buffer entries handled, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Counter(
+            "intent_labeller_stage_seconds",
+            "Time spent per stage (redis, decode, teacher, write)",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.disagreement = Gauge(
+            "intent_labeller_disagreement_rate",
+            "Share of the last run's samples where the serving student's label differs from the teacher's",
+            ["locale"],
+            registry=self.registry,
+        )
+        self.backlog = Gauge(
+            "intent_labeller_backlog",
+            "Buffer entries not yet delivered to any labeller (the group's lag)",
+            registry=self.registry,
+        )
+
+
+@dataclass(frozen=True)
+class _Entry:
+    id: str
+    raw: bytes | None  # None: the stream trimmed the entry while it was pending
+
+
+class BufferLabeller:
+    """Drains the buffer stream into a dataset; one instance per labeller process."""
+
+    def __init__(
+        self,
+        client: Redis,
+        teacher: Teacher,
+        writer: DatasetWriter,
+        options: LabellerOptions,
+        metrics: LabellerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.teacher = teacher
+        self.writer = writer
+        self.options = options
+        self.metrics = metrics or LabellerMetrics()
+        self.clock = clock
+        self.stream = buffer_key(options.prefix)
+        self.dead = buffer_dead_key(options.prefix)
+        self._claim_cursor = "0-0"
+        self.ensure_group()
+
+    @staticmethod
+    def redis_lock(
+        client: Redis, prefix: str, location: str
+    ) -> Callable[[], contextlib.AbstractContextManager[object]]:
+        """The dataset lock across hosts (a Redis lock); the writer adds its local one inside."""
+
+        def lock() -> contextlib.AbstractContextManager[object]:
+            held: contextlib.AbstractContextManager[object] = client.lock(
+                dataset_lock_key(prefix, location), timeout=LOCK_TIMEOUT_S, blocking_timeout=300
+            )
+            return held
+
+        return lock
+
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, self.options.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def backlog(self) -> int:
+        """Entries no labeller has read yet (the group's lag; the stream length if unknown)."""
+        for group in self.client.xinfo_groups(self.stream):
+            if _text(group["name"]) == self.options.group:
+                lag = group.get("lag")
+                value = int(lag) if lag is not None else int(self.client.xlen(self.stream))
+                self.metrics.backlog.set(value)
+                return value
+        return int(self.client.xlen(self.stream))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _own_pending(self, count: int) -> list[_Entry]:
+        """Entries this consumer read before and never acknowledged (it crashed)."""
+        reply = self.client.xreadgroup(
+            self.options.group, self.options.consumer, {self.stream: "0"}, count=count
+        )
+        return _entries(reply)
+
+    def _claim(self, count: int) -> list[_Entry]:
+        """Entries idle for ``claim_idle_s`` in another consumer's pending list."""
+        idle_ms = int(self.options.claim_idle_s * 1000)
+        reply = self.client.xautoclaim(
+            self.stream, self.options.group, self.options.consumer, idle_ms, self._claim_cursor, count=count
+        )
+        cursor, claimed = _text(reply[0]), reply[1]
+        deleted = reply[2] if len(reply) > 2 else []
+        self._claim_cursor = cursor
+        out = [_Entry(_text(eid), (fields or {}).get(BUFFER_FIELD.encode())) for eid, fields in claimed]
+        out += [_Entry(_text(eid), None) for eid in deleted]
+        return out
+
+    def _new(self, count: int, block_s: float) -> list[_Entry]:
+        reply = self.client.xreadgroup(
+            self.options.group,
+            self.options.consumer,
+            {self.stream: ">"},
+            count=count,
+            block=max(1, int(block_s * 1000)),
+        )
+        return _entries(reply)
+
+    def next_entries(self, block_s: float | None = None) -> tuple[list[_Entry], int]:
+        """The next batch: own pending first, then claimed, then new entries; and how many were claimed."""
+        count = self.options.shard_rows
+        entries = self._own_pending(count)
+        if entries:
+            return entries, 0
+        claimed = self._claim(count)
+        if claimed:
+            return claimed, len(claimed)
+        return self._new(count, self.options.block_s if block_s is None else block_s), 0
+
+    # -- one batch ----------------------------------------------------------------------------
+
+    def process(self, entries: list[_Entry], report: RunReport) -> Commit | None:
+        """Label ``entries``, publish them as one shard, then acknowledge them."""
+        started = time.perf_counter()
+        samples: list[tuple[str, BufferSample]] = []
+        for entry in entries:
+            if entry.raw is None:
+                report.trimmed += 1
+                self.metrics.entries.labels("trimmed").inc()
+                continue
+            try:
+                samples.append((entry.id, BufferSample.from_json_bytes(entry.raw)))
+            except BadInput as exc:
+                self._dead_letter(entry, exc)
+                report.bad += 1
+        self.writer.refresh()
+        known = self.writer.known_entries([eid for eid, _ in samples])
+        fresh = [pair for pair, seen in zip(samples, known, strict=True) if not seen]
+        report.duplicates += len(samples) - len(fresh)
+        self.metrics.entries.labels("duplicate").inc(len(samples) - len(fresh))
+        decoded = time.perf_counter()
+        report.seconds["decode"] += decoded - started
+        commit = None
+        if fresh:
+            texts = [s.text for _, s in fresh]
+            logits = self.teacher.logits(texts)
+            labelled = time.perf_counter()
+            report.seconds["teacher"] += labelled - decoded
+            teacher_labels = [self.teacher.labels[int(i)] for i in np.argmax(logits, axis=1)]
+            rows = ShardRows(
+                ids=[s.id for _, s in fresh],
+                texts=texts,
+                locales=[s.locale or UNKNOWN_LOCALE for _, s in fresh],
+                teacher_logits=list(logits),
+                teacher_labels=teacher_labels,
+                sources=["buffer"] * len(fresh),
+                weights=[s.weight for _, s in fresh],
+                student_logits=[list(s.logits) for _, s in fresh],
+                model_versions=[s.model_version for _, s in fresh],
+                strata=[s.stratum for _, s in fresh],
+                buffer_ids=[eid for eid, _ in fresh],
+                sampled_at=[s.timestamp for _, s in fresh],
+            )
+            name = shard_name(self.teacher, (eid for eid, _ in fresh))
+            commit = self.writer.write_shard(name, rows)
+            report.seconds["write"] += time.perf_counter() - labelled
+            report.rows += commit.rows
+            report.duplicates += commit.duplicates
+            if commit.rows:
+                report.shards.append(commit.name)
+            self.metrics.entries.labels("labelled").inc(commit.rows)
+            self.metrics.entries.labels("duplicate").inc(commit.duplicates)
+            for (_, sample), teacher_label in zip(fresh, teacher_labels, strict=True):
+                tally = report.disagreement.setdefault(sample.locale or UNKNOWN_LOCALE, [0, 0])
+                tally[0] += 1
+                tally[1] += sample.label != teacher_label
+        acked = time.perf_counter()
+        self._acknowledge([e.id for e in entries])
+        report.seconds["redis"] += time.perf_counter() - acked
+        report.entries += len(entries)
+        return commit
+
+    def _dead_letter(self, entry: _Entry, exc: BadInput) -> None:
+        log.warning("buffer_entry_unreadable", entry=entry.id, reason=exc.reason, error=str(exc)[:300])
+        self.metrics.entries.labels("bad").inc()
+        self.client.xadd(
+            self.dead,
+            {"entry": entry.id, "reason": exc.reason, "error": str(exc)[:2000], "original": entry.raw or b""},
+            maxlen=DEAD_STREAM_MAXLEN,
+            approximate=True,
+        )
+
+    def _acknowledge(self, ids: list[str]) -> None:
+        """Acknowledge and delete, in one transaction: the buffer keeps only unlabelled entries."""
+        if not ids:
+            return
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream, self.options.group, *ids)
+            pipe.xdel(self.stream, *ids)
+            pipe.execute()
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def run_once(self, *, max_entries: int | None = None) -> RunReport:
+        """Drain what the buffer holds now (own pending, idle claims, new entries); record the run."""
+        report = RunReport(run=f"{self.options.consumer}@{self.clock():.3f}", started=self.clock())
+        log.info("labelling_run_started", run=report.run, backlog=self.backlog())
+        while max_entries is None or report.entries < max_entries:
+            read = time.perf_counter()
+            entries, claimed = self.next_entries()
+            report.seconds["redis"] += time.perf_counter() - read
+            if not entries:
+                break
+            if claimed:
+                report.claimed += claimed
+                log.info("entries_claimed", n=claimed, idle_s=self.options.claim_idle_s)
+            self.process(entries, report)
+        report.finished = self.clock()
+        for stage, seconds in report.seconds.items():
+            self.metrics.stage_seconds.labels(stage).inc(seconds)
+        line = report.to_manifest()
+        for locale, value in line["disagreement"].items():  # type: ignore[attr-defined]
+            self.metrics.disagreement.labels(locale).set(value["rate"])
+        if report.entries:
+            self.writer.add_run(line)
+        log.info(
+            "labelling_run_finished",
+            run=report.run,
+            entries=report.entries,
+            rows=report.rows,
+            duplicates=report.duplicates,
+            bad=report.bad,
+            trimmed=report.trimmed,
+            seconds=line["seconds"],
+            disagreement=line["disagreement"].get("*"),  # type: ignore[attr-defined]
+        )
+        return report
+
+    def run_forever(
+        self,
+        *,
+        every_s: float | None,
+        min_samples: int | None,
+        poll_s: float = 5.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """A run every ``every_s`` seconds, or as soon as ``min_samples`` wait, whichever comes first."""
+        last = -float("inf")
+        while not should_stop():
+            due = every_s is not None and time.monotonic() - last >= every_s
+            full = min_samples is not None and self.backlog() >= min_samples
+            if due or full or (every_s is None and min_samples is None):
+                self.run_once()
+                last = time.monotonic()
+                continue
+            time.sleep(poll_s)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entries(reply: Any) -> list[_Entry]:
+    """Entries of an XREADGROUP reply (one stream); a trimmed pending entry has no fields."""
+    out: list[_Entry] = []
+    for _stream, items in reply or []:
+        for eid, fields in items:
+            out.append(_Entry(_text(eid), (fields or {}).get(BUFFER_FIELD.encode())))
+    return out

@@ -116,6 +116,17 @@ class WorkerMetrics:
         self.model_info = Gauge(
             f"{PREFIX}_model_info", "The student being served (value 1).", ["version"], registry=r
         )
+        self.model_reloads = Counter(
+            f"{PREFIX}_model_reloads",
+            "Hot reloads of a promoted model, by result (ok, failed).",
+            ["result"],
+            registry=r,
+        )
+
+    def serving(self, version: str) -> None:
+        """Mark ``version`` as the one model being served."""
+        self.model_info.clear()
+        self.model_info.labels(version).set(1)
 
     def attach(self, collector: Collector) -> None:
         self.registry.register(collector)

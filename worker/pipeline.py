@@ -82,6 +82,14 @@ class Emitter(Protocol):
 Classify = Callable[[Sequence[str]], tuple[list[Prediction], float]]
 
 
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """A model being served: how to classify, and the version every output it makes carries."""
+
+    classify: Classify
+    version: str
+
+
 def decode_batch(
     records: Sequence[InputRecord], *, max_text_chars: int, max_original_bytes: int, now: float
 ) -> Decoded:
@@ -136,8 +144,9 @@ class Pipeline:
         metrics: WorkerMetrics,
         options: PipelineOptions,
     ) -> None:
-        self.classify = classify
-        self.model_version = model_version
+        #: Swapped whole by :meth:`swap`; each batch reads it once, so a batch is classified,
+        #: labelled and sampled by one model even when a new one arrives mid-batch.
+        self.model = ServedModel(classify, model_version)
         self.emitter = emitter
         self.executor = executor
         self.sampler = sampler
@@ -149,6 +158,15 @@ class Pipeline:
         #: The first failure of a batch; ``on_failure`` hears of it at once (not at the next submit).
         self.failure: BaseException | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
+
+    @property
+    def model_version(self) -> str:
+        return self.model.version
+
+    def swap(self, classify: Classify, version: str) -> str:
+        """Serve a new model from the next batch on; returns the version it replaces."""
+        old, self.model = self.model, ServedModel(classify, version)
+        return old.version
 
     @property
     def inflight(self) -> int:
@@ -213,21 +231,21 @@ class Pipeline:
             now=time.time(),
         )
         texts = [utterance.text for _, utterance in decoded.utterances]
+        model = self.model
         predictions: list[Prediction] = []
         if texts:
             loop = asyncio.get_running_loop()
-            predictions, elapsed_ms = await loop.run_in_executor(self.executor, self.classify, texts)
+            predictions, elapsed_ms = await loop.run_in_executor(self.executor, model.classify, texts)
             self.metrics.inference_seconds.observe(elapsed_ms / 1000)
         if previous is not None:
             await previous  # emit and release in input order; a failed predecessor fails this batch
-        await self._emit(decoded, predictions)
+        await self._emit(decoded, predictions, model.version)
         release()
         self._count(decoded, predictions)
-        self._sample(decoded, predictions)
+        self._sample(decoded, predictions, model.version)
 
-    async def _emit(self, decoded: Decoded, predictions: Sequence[Prediction]) -> None:
+    async def _emit(self, decoded: Decoded, predictions: Sequence[Prediction], version: str) -> None:
         """Hand every output to the producer, then wait for all the broker's acks at once."""
-        version = self.model_version
         acks: list[Awaitable[object]] = []
         now = time.time()
         for (record, utterance), prediction in zip(decoded.utterances, predictions, strict=True):
@@ -267,14 +285,14 @@ class Pipeline:
         for rejected in decoded.rejected:
             self.metrics.dead_letters.labels(rejected.letter.stage.value, rejected.reason).inc()
 
-    def _sample(self, decoded: Decoded, predictions: Sequence[Prediction]) -> None:
+    def _sample(self, decoded: Decoded, predictions: Sequence[Prediction], version: str) -> None:
         """Choose samples now; store them in the background, or drop them when writes pile up."""
         if not predictions:
             return
         samples = self.sampler.select(
             [utterance for _, utterance in decoded.utterances],
             predictions,
-            model_version=self.model_version,
+            model_version=version,
             now=time.time(),
         )
         if not samples:

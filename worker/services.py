@@ -525,3 +525,16 @@ def find_kafka(settings: Settings) -> str:
             f"with run directory {settings.run_dir}; start one (`make run`) or set INTENT_KAFKA_BOOTSTRAP"
         )
     return state.kafka_bootstrap
+
+
+def find_redis(settings: Settings) -> str:
+    """The configured Redis URL, else that of the ``intent-worker run`` using ``settings.run_dir``."""
+    if settings.redis_url:
+        return settings.redis_url
+    state = RunState.read(settings.run_dir)
+    if state is None:
+        raise ServiceError(
+            f"no Redis to read the buffer from: INTENT_REDIS_URL is unset and no `intent-worker run` is "
+            f"running with run directory {settings.run_dir}; start one (`make run`) or set INTENT_REDIS_URL"
+        )
+    return state.redis_url

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 #: Input: ``utterance.v1`` records, produced by clients, keyed by utterance id (or not at all).
 UTTERANCES = "utterances"
 #: Output: ``intent.v1`` records, keyed by utterance id.
@@ -27,3 +29,19 @@ def buffer_key(prefix: str) -> str:
 def dedup_key(prefix: str, digest: str) -> str:
     """The Redis key marking a normalised text (by ``digest``) as recently sampled."""
     return f"{prefix}:{DEDUP_SUFFIX}:{digest}"
+
+
+#: Suffix of the Redis Stream of buffer entries the labelling job could not read (original bytes kept).
+BUFFER_DEAD_SUFFIX = "buffer:dead"
+#: Default consumer group of the labelling jobs on the buffer stream.
+LABELLER_GROUP = "labellers"
+
+
+def buffer_dead_key(prefix: str) -> str:
+    """The Redis Stream of unreadable buffer entries: ``entry``, ``reason``, ``error``, ``original``."""
+    return f"{prefix}:{BUFFER_DEAD_SUFFIX}"
+
+
+def dataset_lock_key(prefix: str, location: str) -> str:
+    """The Redis lock that serialises manifest updates of one dataset across hosts."""
+    return f"{prefix}:dataset-lock:{hashlib.sha256(location.encode()).hexdigest()[:16]}"

@@ -1,0 +1,346 @@
+"""The promotion gate: a candidate student replaces the current one only if it is not worse.
+
+Both models are measured in one run on a golden set (labelled texts; by default the MASSIVE
+and xSID validation splits) whose teacher logits are computed once and cached:
+
+==============  ===========================================================================
+agreement       top label equal to the teacher's; may drop at most ``max_agreement_drop``
+macro_f1        against gold labels; may drop at most ``max_f1_drop``
+kl_per_locale   mean KL(teacher || student) of each locale with ``min_locale_rows`` rows; may
+                grow at most ``max_kl_growth`` (relative) plus ``kl_slack`` (absolute, nats)
+int8_parity     INT8/FP32 top-label agreement of the candidate (measured when ``fp32.onnx`` is
+                beside it, else its card); at least ``min_int8_parity``
+latency         p50 of one utterance, measured interleaved with the current model; at most
+                the larger of ``max_latency_ratio`` x the current one and ``latency_budget_ms``
+labels          the same label set as the current model (downstream routing depends on it)
+==============  ===========================================================================
+
+The tolerances absorb run-to-run noise (retraining the same recipe moves agreement by a few
+tenths of a point); they are flags of ``intent-worker promote``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from worker.evaluation import kl_divergence, macro_f1
+from worker.inference import Logits, Student, chunked_logits
+
+log = structlog.get_logger(__name__)
+
+LATENCY_TEXTS = 300
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_agreement_drop: float = 0.005
+    max_f1_drop: float = 0.005
+    max_kl_growth: float = 0.10
+    kl_slack: float = 0.005
+    min_locale_rows: int = 50
+    min_int8_parity: float = 0.995
+    max_latency_ratio: float = 1.5
+    latency_budget_ms: float = 5.0
+
+
+@dataclass(frozen=True)
+class GoldenSet:
+    """Texts with their locale, gold label index (-1: none) and the teacher's logits."""
+
+    texts: list[str]
+    locales: list[str]
+    gold: npt.NDArray[np.int64]
+    teacher_logits: Logits
+    labels: tuple[str, ...]
+    identity: str  # hash of texts, gold and teacher: what the cache is keyed by
+
+    @staticmethod
+    def key(texts: Sequence[str], gold: Sequence[int], teacher_id: str) -> str:
+        digest = hashlib.sha256(teacher_id.encode())
+        for text, label in zip(texts, gold, strict=True):
+            digest.update(f"{label}\0{text}\0".encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:20]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, teacher_logits=self.teacher_logits)
+        tmp.replace(path)
+
+    @staticmethod
+    def cached_logits(path: Path, n: int) -> Logits | None:
+        if not path.exists():
+            return None
+        with np.load(path) as data:
+            logits = np.asarray(data["teacher_logits"], np.float32)
+        return logits if logits.shape[0] == n else None
+
+
+@dataclass
+class ModelReport:
+    version: str
+    directory: str
+    labels: list[str]
+    agreement: float
+    macro_f1: float
+    kl_mean: float
+    kl_per_locale: dict[str, float]
+    int8_parity: float
+    int8_parity_source: str
+    latency_p50_ms: float = float("nan")
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    candidate: Any
+    current: Any
+    limit: Any
+    why: str = ""
+
+
+@dataclass
+class Decision:
+    promote: bool
+    checks: list[Check]
+    candidate: ModelReport
+    current: ModelReport
+    golden: dict[str, Any] = field(default_factory=dict)
+
+    def reasons(self) -> list[str]:
+        return [f"{c.name}: {c.why}" for c in self.checks if not c.passed]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "promote": self.promote,
+            "reasons": self.reasons(),
+            "checks": [asdict(c) for c in self.checks],
+            "candidate": asdict(self.candidate),
+            "current": asdict(self.current),
+            "golden": self.golden,
+        }
+
+
+def _parity(student: Student, golden: GoldenSet, int8_logits: Logits) -> tuple[float, str]:
+    fp32 = student.directory / "fp32.onnx"
+    if fp32.is_file():
+        reference = Student(student.directory, model_file="fp32.onnx")
+        values = chunked_logits(golden.texts, reference, rows=64)
+        return float(np.mean(values.argmax(1) == int8_logits.argmax(1))), "measured vs fp32.onnx"
+    int8 = student.card.get("int8")
+    if isinstance(int8, dict):
+        if not int8.get("shipped", True):
+            return 1.0, "card: FP32 served"
+        parity = int8.get("parity", {})
+        if isinstance(parity, dict) and "label_agreement" in parity:
+            return float(parity["label_agreement"]), "card"
+    return float("nan"), "unknown: no fp32.onnx and no parity in the card"
+
+
+def measure(student: Student, golden: GoldenSet) -> ModelReport:
+    """Quality of ``student`` on the golden set (no timing: see :func:`interleaved_latency`)."""
+    if tuple(student.labels) != golden.labels:
+        order = (
+            [student.labels.index(name) for name in golden.labels]
+            if set(student.labels) == set(golden.labels)
+            else None
+        )
+    else:
+        order = list(range(len(golden.labels)))
+    values = chunked_logits(golden.texts, student, rows=64)
+    aligned = values[:, order] if order is not None else None
+    parity, source = _parity(student, golden, values)
+    if aligned is None:  # another label set: nothing to compare with the teacher
+        return ModelReport(
+            student.version,
+            str(student.directory),
+            list(student.labels),
+            0.0,
+            0.0,
+            float("inf"),
+            {},
+            parity,
+            source,
+        )
+    predicted = aligned.argmax(1)
+    agreement = float(np.mean(predicted == golden.teacher_logits.argmax(1)))
+    has_gold = golden.gold >= 0
+    f1 = (
+        macro_f1(golden.gold[has_gold], predicted[has_gold], len(golden.labels))
+        if has_gold.any()
+        else float("nan")
+    )
+    kl = kl_divergence(golden.teacher_logits, aligned)
+    locales = np.asarray(golden.locales)
+    per_locale = {str(locale): float(kl[locales == locale].mean()) for locale in sorted(set(golden.locales))}
+    return ModelReport(
+        student.version,
+        str(student.directory),
+        list(student.labels),
+        agreement,
+        float(f1),
+        float(kl.mean()),
+        per_locale,
+        parity,
+        source,
+    )
+
+
+def interleaved_latency(models: Sequence[Student], texts: Sequence[str], rounds: int = 1) -> list[float]:
+    """p50 ms of one-utterance inference per model, alternating models text by text (fair on a noisy host)."""
+    timings: list[list[float]] = [[] for _ in models]
+    for model in models:
+        model.logits(list(texts[:20]))  # warm up
+    for _ in range(rounds):
+        for text in texts:
+            for i, model in enumerate(models):
+                started = time.perf_counter()
+                model.logits([text])
+                timings[i].append((time.perf_counter() - started) * 1000)
+    return [statistics.median(t) for t in timings]
+
+
+def decide(candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: Thresholds) -> Decision:
+    checks: list[Check] = []
+    same_labels = candidate.labels == current.labels
+    checks.append(
+        Check(
+            "labels",
+            same_labels,
+            candidate.labels,
+            current.labels,
+            "equal",
+            "" if same_labels else f"candidate labels {candidate.labels} differ from {current.labels}",
+        )
+    )
+    floor = current.agreement - t.max_agreement_drop
+    checks.append(
+        Check(
+            "agreement",
+            candidate.agreement >= floor,
+            candidate.agreement,
+            current.agreement,
+            floor,
+            f"agreement with the teacher {candidate.agreement:.2%} is below {floor:.2%} "
+            f"(current {current.agreement:.2%} - {t.max_agreement_drop:.1%})",
+        )
+    )
+    floor = current.macro_f1 - t.max_f1_drop
+    ok = not np.isfinite(current.macro_f1) or candidate.macro_f1 >= floor
+    checks.append(
+        Check(
+            "macro_f1",
+            ok,
+            candidate.macro_f1,
+            current.macro_f1,
+            floor,
+            f"macro-F1 against gold {candidate.macro_f1:.2%} is below {floor:.2%}",
+        )
+    )
+    counts = {loc: golden.locales.count(loc) for loc in set(golden.locales)}
+    worse = {}
+    for locale, value in candidate.kl_per_locale.items():
+        if counts.get(locale, 0) < t.min_locale_rows or locale not in current.kl_per_locale:
+            continue
+        limit = current.kl_per_locale[locale] * (1 + t.max_kl_growth) + t.kl_slack
+        if value > limit:
+            worse[locale] = (round(value, 4), round(current.kl_per_locale[locale], 4))
+    checks.append(
+        Check(
+            "kl_per_locale",
+            not worse,
+            candidate.kl_mean,
+            current.kl_mean,
+            f"current x {1 + t.max_kl_growth:.2f} + {t.kl_slack}",
+            "KL to the teacher grew in "
+            + ", ".join(f"{k} ({v[1]} -> {v[0]})" for k, v in sorted(worse.items())),
+        )
+    )
+    ok = bool(np.isfinite(candidate.int8_parity) and candidate.int8_parity >= t.min_int8_parity)
+    checks.append(
+        Check(
+            "int8_parity",
+            ok,
+            candidate.int8_parity,
+            current.int8_parity,
+            t.min_int8_parity,
+            f"INT8/FP32 agreement {candidate.int8_parity:.2%} ({candidate.int8_parity_source}) is below {t.min_int8_parity:.1%}",
+        )
+    )
+    limit = max(current.latency_p50_ms * t.max_latency_ratio, t.latency_budget_ms)
+    checks.append(
+        Check(
+            "latency",
+            candidate.latency_p50_ms <= limit,
+            candidate.latency_p50_ms,
+            current.latency_p50_ms,
+            limit,
+            f"p50 {candidate.latency_p50_ms:.2f} ms exceeds {limit:.2f} ms",
+        )
+    )
+    for check in checks:
+        if check.passed:
+            check.why = ""
+    return Decision(
+        all(c.passed for c in checks),
+        checks,
+        candidate,
+        current,
+        {"n": len(golden.texts), "identity": golden.identity, "locales": counts},
+    )
+
+
+def evaluate_candidate(candidate: Student, current: Student, golden: GoldenSet, t: Thresholds) -> Decision:
+    """Measure both on ``golden`` (latency interleaved in one run) and decide."""
+    cand, cur = measure(candidate, golden), measure(current, golden)
+    step = max(1, len(golden.texts) // LATENCY_TEXTS)
+    cand.latency_p50_ms, cur.latency_p50_ms = interleaved_latency(
+        [candidate, current], golden.texts[::step][:LATENCY_TEXTS]
+    )
+    decision = decide(cand, cur, golden, t)
+    log.info(
+        "gate_decided",
+        promote=decision.promote,
+        candidate=cand.version,
+        current=cur.version,
+        reasons=decision.reasons(),
+    )
+    return decision
+
+
+def golden_from_labelled(
+    texts: Sequence[str],
+    locales: Sequence[str],
+    gold: npt.NDArray[np.int64],
+    teacher: Any,
+    cache_dir: Path,
+) -> GoldenSet:
+    """The golden set with the teacher's logits, computed once per (texts, gold, teacher) and cached."""
+    labels = tuple(teacher.labels)
+    key = GoldenSet.key(texts, [int(g) for g in gold], teacher.identity)
+    path = cache_dir / "golden" / f"{key}.npz"
+    logits = GoldenSet.cached_logits(path, len(texts))
+    golden = GoldenSet(
+        list(texts),
+        list(locales),
+        gold,
+        logits if logits is not None else np.zeros((0, len(labels)), np.float32),
+        labels,
+        key,
+    )
+    if logits is None:
+        log.info("golden_labelling", n=len(texts), teacher=teacher.identity)
+        golden = GoldenSet(golden.texts, golden.locales, gold, teacher.logits(list(texts)), labels, key)
+        golden.save(path)
+    return golden
