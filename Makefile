@@ -56,10 +56,16 @@ bench: setup ## Run the benchmarks; results go to benchmarks/results/
 	$(BIN)/python benchmarks/teacher.py
 	$(BIN)/python benchmarks/students.py --models $(STUDENTS)
 
+bench-pruned: setup ## Pruned-transformer students vs teacher, cnn, bag (trains missing ones into build/pruned; needs `make student students`): benchmarks/results/pruned.*
+	$(BIN)/python benchmarks/pruned.py --data $(DATASET) --models build/pruned --cnn models/student --bag $(STUDENTS)/bag
+
 bench-worker: setup ## Worker must-shows (throughput vs raw/Faust ceilings, latency, scaling, bad input, Redis outage, fresh start; ~17 min): benchmarks/results/worker.json
 	$(BIN)/python benchmarks/worker.py
+
+loop-demo: setup ## The closed loop on real services: replay, sample, label, train, gate, promote + rollback under traffic (~40 min): benchmarks/results/flywheel.json
+	$(BIN)/python benchmarks/flywheel.py
 
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus student students bench bench-worker clean
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus student students bench bench-pruned bench-worker loop-demo clean

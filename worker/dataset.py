@@ -106,7 +106,7 @@ class ShardRows:
         """The rows where ``keep`` is true (optional columns stay empty if they were)."""
 
         def pick(values: list[Any]) -> list[Any]:
-            return [v for v, k in zip(values, keep, strict=True)] if len(values) == len(keep) else values
+            return [v for v, k in zip(values, keep, strict=True) if k] if len(values) == len(keep) else values
 
         return ShardRows(**{name: pick(getattr(self, name)) for name in self.__dataclass_fields__})
 

@@ -144,8 +144,8 @@ class Pipeline:
         metrics: WorkerMetrics,
         options: PipelineOptions,
     ) -> None:
-        #: Swapped whole by :meth:`swap`; each batch reads it once, so a batch is classified,
-        #: labelled and sampled by one model even when a new one arrives mid-batch.
+        #: Swapped whole by :meth:`swap`; a batch takes the one in force when it is submitted, so
+        #: it is classified, labelled and sampled by one model even when a new one arrives.
         self.model = ServedModel(classify, model_version)
         self.emitter = emitter
         self.executor = executor
@@ -186,7 +186,7 @@ class Pipeline:
         self.metrics.utterances.inc(len(records))
         self.metrics.batch_size.observe(len(records))
         previous = self._inflight[-1] if self._inflight else None
-        task = asyncio.create_task(self._process(list(records), release, previous))
+        task = asyncio.create_task(self._process(list(records), release, previous, self.model))
         task.add_done_callback(self._batch_done)
         self._inflight.append(task)
 
@@ -222,7 +222,11 @@ class Pipeline:
         await asyncio.gather(*self._writes, return_exceptions=True)
 
     async def _process(
-        self, records: list[InputRecord], release: Callable[[], None], previous: asyncio.Task[None] | None
+        self,
+        records: list[InputRecord],
+        release: Callable[[], None],
+        previous: asyncio.Task[None] | None,
+        model: ServedModel,
     ) -> None:
         decoded = decode_batch(
             records,
@@ -231,7 +235,6 @@ class Pipeline:
             now=time.time(),
         )
         texts = [utterance.text for _, utterance in decoded.utterances]
-        model = self.model
         predictions: list[Prediction] = []
         if texts:
             loop = asyncio.get_running_loop()

@@ -237,3 +237,34 @@ def test_a_failure_is_reported_at_once_not_at_the_next_batch() -> None:
 
     [failure] = asyncio.run(scenario())
     assert str(failure) == "broker said no"
+
+
+def test_a_swap_mid_batch_leaves_that_batch_to_the_old_model_and_labels_each_output_with_its_version() -> (
+    None
+):
+    def shouting(texts: Sequence[str]) -> tuple[list[Prediction], float]:
+        predictions, ms = keyword_classify(texts)
+        return [Prediction("Other", p.scores, p.margin, p.logits) for p in predictions], ms
+
+    async def scenario() -> None:
+        emitter = Emitter()
+        sink = MemoryBufferSink()
+        with ThreadPoolExecutor(1) as executor:
+            pipeline = make_pipeline(emitter, executor, sink=sink)
+            await pipeline.submit([record(0, utterance(0, "set an alarm"))], lambda: None)
+            assert pipeline.swap(shouting, "new-model") == "test-model"  # batch 0 already started
+            await pipeline.submit([record(1, utterance(1, "set an alarm"))], lambda: None)
+            while pipeline.inflight:  # batch 1 emits only once batch 0 is acknowledged
+                await settle()
+                emitter.acknowledge()
+            await pipeline.drain()
+            await settle()
+            await pipeline.close()
+        intents = [Intent.from_json_bytes(value) for topic, _, value in emitter.sent if topic == INTENTS]
+        assert [(i.id, i.label, i.model_version) for i in intents] == [
+            ("u0", "Action", "test-model"),
+            ("u1", "Other", "new-model"),
+        ]
+        assert [(s.id, s.model_version) for s in sink.samples] == [("u0", "test-model"), ("u1", "new-model")]
+
+    asyncio.run(scenario())

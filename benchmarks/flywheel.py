@@ -1,0 +1,335 @@
+"""The closed distillation loop, end to end, on real services: ``make loop-demo``.
+
+1. A worker serves the shipped student on a fresh Tansu broker and valkey-server.
+2. Every training text of ``../shared/data`` (MASSIVE train, Tatoeba and its English side) is
+   replayed through it; it samples them into the Redis buffer (rate 1 for the demo).
+3. The labeller's throughput is measured at 1 and 2 teacher threads on the same 2,000 entries,
+   with its time split (Redis, decode, teacher, Parquet write).
+4. ``intent-worker label --once`` labels the whole buffer into a dataset.
+5. ``intent-worker train`` distils a candidate from that dataset (the shipped recipe), and a
+   deliberately worse one from 1% of it.
+6. ``intent-worker promote`` refuses the worse one (and says why), and promotes the candidate
+   while traffic flows at a steady rate; then ``intent-worker rollback``. Every utterance sent
+   during the switches is checked: answered once, by which version, none lost or dead-lettered.
+
+Results: ``benchmarks/results/flywheel.json``. Outputs of slow steps (dataset, candidates) are
+kept in ``--workdir`` and reused by a rerun unless ``--fresh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import redis
+from common import machine, write_result
+from streams import (  # streams puts the repository root first: benchmarks/worker.py shadows the package
+    ROOT,
+    Text,
+    WorkerRun,
+    broker,
+    clean_env,
+    metric_sum,
+    produce,
+    produce_at_rate,
+    read_topic,
+    topic_ends,
+    utterance_bytes,
+)
+
+from worker.corpus import read_jsonl
+from worker.services import start_redis
+from worker.topics import BUFFER_FIELD, DEAD_LETTERS, INTENTS, buffer_key
+
+PREFIX = "flywheel"
+GROUP = "flywheel"
+
+
+def training_texts(shared: Path) -> list[Text]:
+    """MASSIVE train rows, and every Tatoeba sentence with its English translation."""
+    out: list[Text] = []
+    for path in sorted((shared / "massive").glob("*.jsonl")):
+        out += [
+            Text(str(r["id"]), str(r["text"]), str(r["locale"]))
+            for r in read_jsonl(path)
+            if r.get("split") == "train"
+        ]
+    for r in read_jsonl(shared / "tatoeba" / "tatoeba.jsonl"):
+        out.append(Text(str(r["id"]), str(r["text"]), str(r["locale"])))
+        if isinstance(r.get("en"), str):
+            out.append(Text(f"{r['id']}:en", str(r["en"]), "en"))
+    return out
+
+
+def cli(
+    args: list[str], env: dict[str, str], *, capture: bool = True, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args], env=env, cwd=ROOT, text=True,
+        stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None,
+    )  # fmt: skip
+    print(
+        f"  intent-worker {' '.join(args)}  -> exit {done.returncode} in {time.perf_counter() - started:.1f}s",
+        flush=True,
+    )
+    if check and done.returncode != 0:
+        raise RuntimeError(f"intent-worker {' '.join(args)} failed:\n{(done.stderr or '')[-3000:]}")
+    return done
+
+
+def label_report(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(done.stdout)
+    span = max(report["finished"] - report["started"], 1e-9)
+    report["samples_per_s"] = round(report["entries"] / span, 1)
+    total = sum(report["seconds"].values()) or 1.0
+    report["time_split"] = {k: round(v / total, 3) for k, v in report["seconds"].items()}
+    return report
+
+
+def labeller_throughput(client: redis.Redis, env: dict[str, str], work: Path, n: int) -> dict[str, Any]:
+    """The same ``n`` buffer entries (a random sample) labelled at 1 and at 2 teacher threads."""
+    entries = client.xrange(buffer_key(PREFIX))
+    chosen = random.Random(0).sample(entries, min(n, len(entries)))
+    out: dict[str, Any] = {}
+    for threads in (1, 2):
+        prefix = f"throughput{threads}"
+        client.delete(buffer_key(prefix))
+        with client.pipeline(transaction=False) as pipe:
+            for _, fields in chosen:
+                pipe.xadd(buffer_key(prefix), {BUFFER_FIELD: fields[BUFFER_FIELD.encode()]})
+            pipe.execute()
+        scratch = work / f"throughput-{threads}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        done = cli(
+            ["--log-json", "label", "--once", "--data", str(scratch), "--consumer", f"bench{threads}"],
+            {**env, "INTENT_REDIS_KEY_PREFIX": prefix, "INTENT_TEACHER_THREADS": str(threads)},
+        )
+        report = label_report(done)
+        out[f"threads_{threads}"] = {
+            k: report[k] for k in ("entries", "rows", "samples_per_s", "seconds", "time_split")
+        }
+    out["speedup_2_vs_1"] = round(out["threads_2"]["samples_per_s"] / out["threads_1"]["samples_per_s"], 2)
+    return out
+
+
+def replay(kafka: str, worker: WorkerRun, texts: list[Text], client: redis.Redis) -> dict[str, Any]:
+    started = time.perf_counter()
+    n, rate = asyncio.run(produce(kafka, "utterances", ((t.id.encode(), utterance_bytes(t)) for t in texts)))
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and metric_sum(worker.metrics(), "intent_worker_labels_total") < n:
+        time.sleep(1)
+    labelled = metric_sum(worker.metrics(), "intent_worker_labels_total")
+    time.sleep(3)  # the last buffer writes run after their batch is released
+    metrics = worker.metrics()
+    return {
+        "sent": n,
+        "produce_rate_per_s": round(rate, 1),
+        "labelled_by_worker": int(labelled),
+        "seconds": round(time.perf_counter() - started, 1),
+        "sampler": {
+            "selected": int(metric_sum(metrics, "intent_worker_samples_selected_total")),
+            "kept": int(metric_sum(metrics, "intent_worker_samples_kept_total")),
+            "dropped": {
+                k: int(v) for k, v in metrics.items() if k.startswith("intent_worker_samples_dropped_total")
+            },
+        },
+        "buffer_length": int(client.xlen(buffer_key(PREFIX))),
+    }
+
+
+def switch(
+    kafka: str,
+    worker: WorkerRun,
+    env: dict[str, str],
+    candidate: Path,
+    work: Path,
+    rate: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """Steady traffic; promote ``candidate`` a third of the way in, roll back at two thirds."""
+    items = [
+        Text(f"switch-{i}", text, locale)
+        for i, (text, locale) in enumerate(_switch_texts(int(rate * seconds)))
+    ]
+    intents_start = asyncio.run(topic_ends(kafka, INTENTS))
+    dlq_start = asyncio.run(topic_ends(kafka, DEAD_LETTERS))
+    before = worker.health()[1].get("model_version")
+    result: dict[str, Any] = {}
+    sender = threading.Thread(
+        target=lambda: result.update(rate=asyncio.run(produce_at_rate(kafka, items, rate)))
+    )
+    sender.start()
+    time.sleep(seconds / 3)
+    promote = cli(["promote", str(candidate), "--out", str(work / "gate-candidate.json")], env, check=False)
+    promoted_at = time.time()
+    time.sleep(seconds / 3)
+    rollback = cli(["rollback"], env, check=False)
+    rolled_back_at = time.time()
+    sender.join()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        records = asyncio.run(read_topic(kafka, INTENTS, intents_start))
+        if len({r.key for r in records}) >= len(items):
+            break
+        time.sleep(1)
+    answered: dict[str, list[str]] = defaultdict(list)
+    by_partition: dict[int, list[str]] = defaultdict(list)
+    for record in records:
+        intent = json.loads(record.value)
+        answered[intent["id"]].append(intent["model_version"])
+        by_partition[record.partition].append(intent["model_version"])
+    sent_ids = {t.id for t in items}
+    dead = asyncio.run(read_topic(kafka, DEAD_LETTERS, dlq_start))
+    switches = {p: sum(1 for a, b in itertools.pairwise(v) if a != b) for p, v in by_partition.items()}
+    return {
+        "sent": len(items),
+        "offered_rate_per_s": rate,
+        "achieved_rate_per_s": round(result.get("rate", 0.0), 1),
+        "answered": len(sent_ids & set(answered)),
+        "lost": len(sent_ids - set(answered)),
+        "answered_twice": sum(1 for v in answered.values() if len(v) > 1),
+        "dead_letters": len(dead),
+        "served_before": before,
+        "by_version": dict(Counter(v[0] for v in answered.values())),
+        "version_changes_per_partition": switches,
+        "promote_exit": promote.returncode,
+        "promote_stdout": promote.stdout[-2000:],
+        "rollback_exit": rollback.returncode,
+        "rollback_stderr": rollback.stderr[-500:],
+        "promoted_at": promoted_at,
+        "rolled_back_at": rolled_back_at,
+        "reloads": {
+            k: v for k, v in worker.metrics().items() if k.startswith("intent_worker_model_reloads_total")
+        },
+        "worker_health_after": worker.health()[1].get("status"),
+    }
+
+
+_SWITCH_TEXTS: list[tuple[str, str]] = []
+
+
+def _switch_texts(n: int) -> list[tuple[str, str]]:
+    pool = _SWITCH_TEXTS
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "flywheel")
+    parser.add_argument("--fresh", action="store_true", help="redo the dataset and the candidates")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--throughput-entries", type=int, default=2000)
+    parser.add_argument("--switch-rate", type=float, default=300.0)
+    parser.add_argument("--switch-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    work: Path = args.workdir
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    registry = work / "registry"
+    shutil.rmtree(registry, ignore_errors=True)  # every demo starts serving the shipped student
+    dataset, candidate, worse = work / "dataset", work / "candidate", work / "worse"
+    texts = training_texts(args.shared)
+    _SWITCH_TEXTS.extend((t.text, t.locale) for t in random.Random(1).sample(texts, 5000))
+    result: dict[str, Any] = {"machine": machine(), "texts": len(texts)}
+    started = time.perf_counter()
+    with broker(work / "tansu", partitions=4) as kafka, start_redis(work / "valkey") as valkey:
+        client = redis.Redis.from_url(valkey.url)
+        env = clean_env(
+            {
+                "INTENT_KAFKA_BOOTSTRAP": kafka.bootstrap,
+                "INTENT_REDIS_URL": valkey.url,
+                "INTENT_REDIS_KEY_PREFIX": PREFIX,
+                "INTENT_REGISTRY_DIR": str(registry),
+                "INTENT_RUN_DIR": str(work / "run"),
+            }
+        )
+        sampling = {
+            "INTENT_SAMPLE_RATE": "1.0",  # the demo keeps every text; production samples ~10%
+            "INTENT_SAMPLE_BUDGET_PER_S": "1000000",
+            "INTENT_BUFFER_MAXLEN": "200000",
+            "INTENT_REDIS_TIMEOUT_S": "2.0",
+            "INTENT_BUFFER_MAX_PENDING_WRITES": "64",
+            "INTENT_MODEL_POLL_INTERVAL_S": "1.0",
+        }
+        worker = WorkerRun(
+            kafka=kafka.bootstrap, redis=valkey.url, run_dir=work / "run", group=GROUP,
+            student=ROOT / "models" / "student", partitions=4, extra={**sampling, "INTENT_REGISTRY_DIR": str(registry), "INTENT_REDIS_KEY_PREFIX": PREFIX},
+        )  # fmt: skip
+        with worker:
+            worker.wait_healthy()
+            print("1-2. replaying the training texts through the worker", flush=True)
+            result["replay"] = replay(kafka.bootstrap, worker, texts, client)
+            print(json.dumps(result["replay"]), flush=True)
+            print("3. labeller throughput at 1 and 2 threads", flush=True)
+            result["labeller_throughput"] = labeller_throughput(client, env, work, args.throughput_entries)
+            print(json.dumps(result["labeller_throughput"]), flush=True)
+            print("4. labelling the buffer", flush=True)
+            if not (dataset / "manifest.json").exists():
+                done = cli(
+                    ["--log-json", "label", "--once", "--data", str(dataset), "--consumer", "demo"], env
+                )
+                result["labelling"] = label_report(done)
+            else:
+                result["labelling"] = {"reused": str(dataset)}
+                client.delete(buffer_key(PREFIX))
+            result["dataset"] = json.loads(cli(["dataset", "stats", str(dataset), "--json"], env).stdout)
+            print("5. training the candidate and a deliberately worse one", flush=True)
+            recipe = ["--arch", "cnn", "--filters", "128", "--min-count", "2", "--threads", "2"]
+            for out, extra in (
+                (candidate, ["--epochs", str(args.epochs)]),
+                (worse, ["--epochs", str(args.epochs), "--fraction", "0.01"]),
+            ):
+                if not (out / "card.json").exists():
+                    began = time.perf_counter()
+                    cli(
+                        ["train", *recipe, *extra, "--data", str(dataset), "--out", str(out)],
+                        env,
+                        capture=False,
+                    )
+                    result.setdefault("training_seconds", {})[out.name] = round(
+                        time.perf_counter() - began, 1
+                    )
+            print("6. the gate refuses the worse candidate", flush=True)
+            refused = cli(["promote", str(worse), "--out", str(work / "gate-worse.json")], env, check=False)
+            result["gate_worse"] = {
+                "exit": refused.returncode,
+                "stdout": refused.stdout,
+                "reasons": json.loads((work / "gate-worse.json").read_text())["reasons"],
+            }
+            print(refused.stdout, flush=True)
+            print("6. promote and roll back under steady traffic", flush=True)
+            result["switch"] = switch(
+                kafka.bootstrap, worker, env, candidate, work, args.switch_rate, args.switch_seconds
+            )
+            result["gate_candidate"] = json.loads((work / "gate-candidate.json").read_text())
+            print(
+                json.dumps({k: v for k, v in result["switch"].items() if k != "promote_stdout"}, indent=1),
+                flush=True,
+            )
+            result["worker_log_events"] = [
+                e for e in worker.log_events() if e.get("event") in ("model_reloaded", "model_reload_failed")
+            ]
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    path = write_result("flywheel", result)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
