@@ -48,7 +48,7 @@ def test_promote_then_rollback_moves_the_pointer_and_keeps_the_history(tmp_path:
 def test_a_directory_that_is_not_a_model_is_refused(tmp_path: Path, student: Path) -> None:
     broken = _model(tmp_path, student, "v3")
     (broken / "tokenizer.json").unlink()
-    with pytest.raises(ModelError, match="tokenizer.json"):
+    with pytest.raises(ModelError, match="tokenizer"):
         Registry(tmp_path / "registry").add(broken)
     (tmp_path / "registry").mkdir()
     (tmp_path / "registry" / "current.json").write_text("{not json")
