@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -243,6 +244,13 @@ class Store:
 
 
 @contextlib.contextmanager
+def _both(outer: Lock, inner: Lock) -> Iterator[object]:
+    """The caller's lock (e.g. Redis, across hosts), then the store's own (``flock``, locally)."""
+    with outer(), inner() as held:
+        yield held
+
+
+@contextlib.contextmanager
 def _flock(path: Path) -> Iterator[object]:
     with path.open("a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
@@ -309,7 +317,9 @@ class DatasetWriter:
     ) -> None:
         self.store = Store(location)
         self.location = self.store.location
-        self.lock: Lock = lock or self.store.default_lock
+        self.lock: Lock = (
+            self.store.default_lock if lock is None else partial(_both, lock, self.store.default_lock)
+        )
         self.clock = clock
         self.store.makedirs()
         self._entries: set[str] = set()  # buffer ids of the shards in _indexed
