@@ -32,6 +32,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import redis
 from common import machine, write_result
 from streams import (  # streams puts the repository root first: benchmarks/worker.py shadows the package
@@ -98,18 +99,109 @@ def label_report(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return report
 
 
-def labeller_throughput(client: redis.Redis, env: dict[str, str], work: Path, n: int) -> dict[str, Any]:
-    """The same ``n`` buffer entries (a random sample) labelled at 1 and at 2 teacher threads."""
-    entries = client.xrange(buffer_key(PREFIX))
-    chosen = random.Random(0).sample(entries, min(n, len(entries)))
+def copy_entries(client: redis.Redis, chosen: list[Any], prefix: str) -> list[str]:
+    """``chosen`` buffer entries added again to the buffer of ``prefix``; their new entry ids."""
+    client.delete(buffer_key(prefix))
+    with client.pipeline(transaction=False) as pipe:
+        for _, fields in chosen:
+            pipe.xadd(buffer_key(prefix), {BUFFER_FIELD: fields[BUFFER_FIELD.encode()]})
+        return [eid.decode() for eid in pipe.execute()]
+
+
+def dataset_buffer_ids(location: Path) -> Counter[str]:
+    """How often each buffer entry appears in the dataset's listed shards."""
+    counts: Counter[str] = Counter()
+    manifest = json.loads((location / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        counts.update(
+            pq.read_table(location / shard["file"], columns=["buffer_id"]).column("buffer_id").to_pylist()
+        )
+    return counts
+
+
+def label_process(
+    env: dict[str, str], prefix: str, location: Path, consumer: str, threads: int
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "--log-json", "label", "--once", "--data", str(location), "--consumer", consumer],
+        env={**env, "INTENT_REDIS_KEY_PREFIX": prefix, "INTENT_TEACHER_THREADS": str(threads),
+             "INTENT_LABELLER_CLAIM_IDLE_S": "2"},
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def crash_test(
+    client: redis.Redis, env: dict[str, str], work: Path, chosen: list[Any], kills: int
+) -> dict[str, Any]:
+    """Labellers (the embedded teacher) killed with SIGKILL at random points, then one that finishes."""
+    ids = copy_entries(client, chosen, "crash")
+    location = work / "crash"
+    shutil.rmtree(location, ignore_errors=True)
+    rng = random.Random(3)
+    points = []
+    for attempt in range(kills):
+        proc = label_process(env, "crash", location, f"crash{attempt % 2}", threads=2)
+        delay = rng.uniform(3.0, 12.0)  # loading the teacher takes ~3 s: most kills land mid-labelling
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        proc.communicate()
+        points.append(
+            {
+                "after_s": round(delay, 2),
+                "killed": proc.returncode == -9,
+                "rows_so_far": sum(dataset_buffer_ids(location).values())
+                if (location / "manifest.json").exists()
+                else 0,
+            }
+        )
+    time.sleep(2.5)  # past the claim timeout: the last run also claims what the killed ones held
+    final = label_process(env, "crash", location, "survivor", threads=2)
+    final_report = json.loads(final.communicate(timeout=600)[0])
+    counts = dataset_buffer_ids(location)
+    return {
+        "buffered": len(ids),
+        "kills": sum(p["killed"] for p in points),
+        "points": points,
+        "rows": sum(counts.values()),
+        "lost": len(set(ids) - set(counts)),
+        "duplicated": sum(1 for c in counts.values() if c > 1),
+        "final_run": {k: final_report[k] for k in ("entries", "rows", "duplicates", "claimed")},
+        "buffer_left": int(client.xlen(buffer_key("crash"))),
+    }
+
+
+def parallel_labellers(
+    client: redis.Redis, env: dict[str, str], work: Path, chosen: list[Any]
+) -> dict[str, Any]:
+    """Two labellers, one teacher thread each, on one buffer and one dataset at once."""
+    ids = copy_entries(client, chosen, "pair")
+    location = work / "pair"
+    shutil.rmtree(location, ignore_errors=True)
+    started = time.perf_counter()
+    procs = [label_process(env, "pair", location, name, threads=1) for name in ("left", "right")]
+    reports = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+    elapsed = time.perf_counter() - started
+    counts = dataset_buffer_ids(location)
+    return {
+        "buffered": len(ids),
+        "rows_per_labeller": {r["run"].split("@")[0]: r["rows"] for r in reports},
+        "rows": sum(counts.values()),
+        "lost": len(set(ids) - set(counts)),
+        "duplicated": sum(1 for c in counts.values() if c > 1),
+        "samples_per_s_together": round(len(ids) / elapsed, 1),
+    }
+
+
+def labeller_throughput(
+    client: redis.Redis, env: dict[str, str], work: Path, chosen: list[Any]
+) -> dict[str, Any]:
+    """The same buffer entries labelled at 1 and at 2 teacher threads, with the time split."""
     out: dict[str, Any] = {}
     for threads in (1, 2):
         prefix = f"throughput{threads}"
-        client.delete(buffer_key(prefix))
-        with client.pipeline(transaction=False) as pipe:
-            for _, fields in chosen:
-                pipe.xadd(buffer_key(prefix), {BUFFER_FIELD: fields[BUFFER_FIELD.encode()]})
-            pipe.execute()
+        copy_entries(client, chosen, prefix)
         scratch = work / f"throughput-{threads}"
         shutil.rmtree(scratch, ignore_errors=True)
         done = cli(
@@ -234,6 +326,7 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="redo the dataset and the candidates")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--throughput-entries", type=int, default=2000)
+    parser.add_argument("--kills", type=int, default=8)
     parser.add_argument("--switch-rate", type=float, default=300.0)
     parser.add_argument("--switch-seconds", type=float, default=60.0)
     args = parser.parse_args()
@@ -276,9 +369,15 @@ def main() -> int:
             print("1-2. replaying the training texts through the worker", flush=True)
             result["replay"] = replay(kafka.bootstrap, worker, texts, client)
             print(json.dumps(result["replay"]), flush=True)
-            print("3. labeller throughput at 1 and 2 threads", flush=True)
-            result["labeller_throughput"] = labeller_throughput(client, env, work, args.throughput_entries)
+            entries = client.xrange(buffer_key(PREFIX))
+            chosen = random.Random(0).sample(entries, min(args.throughput_entries, len(entries)))
+            print("3. labeller throughput at 1 and 2 threads; two labellers at once; kill -9", flush=True)
+            result["labeller_throughput"] = labeller_throughput(client, env, work, chosen)
             print(json.dumps(result["labeller_throughput"]), flush=True)
+            result["two_labellers"] = parallel_labellers(client, env, work, chosen)
+            print(json.dumps(result["two_labellers"]), flush=True)
+            result["crash_test"] = crash_test(client, env, work, chosen, args.kills)
+            print(json.dumps({k: v for k, v in result["crash_test"].items() if k != "points"}), flush=True)
             print("4. labelling the buffer", flush=True)
             if not (dataset / "manifest.json").exists():
                 done = cli(
