@@ -340,6 +340,8 @@ def main() -> int:
     texts = training_texts(args.shared)
     _SWITCH_TEXTS.extend((t.text, t.locale) for t in random.Random(1).sample(texts, 5000))
     result: dict[str, Any] = {"machine": machine(), "texts": len(texts)}
+    earlier_result = ROOT / "benchmarks" / "results" / "flywheel.json"
+    previous: dict[str, Any] = json.loads(earlier_result.read_text()) if earlier_result.exists() else {}
     started = time.perf_counter()
     with broker(work / "tansu", partitions=4) as kafka, start_redis(work / "valkey") as valkey:
         client = redis.Redis.from_url(valkey.url)
@@ -404,6 +406,9 @@ def main() -> int:
                     result.setdefault("training_seconds", {})[out.name] = round(
                         time.perf_counter() - began, 1
                     )
+                else:  # trained by an earlier run of this script
+                    earlier = previous.get("training_seconds", {}).get(out.name)
+                    result.setdefault("training_seconds", {})[out.name] = earlier or "reused"
             print("6. the gate refuses the worse candidate", flush=True)
             refused = cli(["promote", str(worse), "--out", str(work / "gate-worse.json")], env, check=False)
             result["gate_worse"] = {
