@@ -387,7 +387,11 @@ def main() -> int:
                 )
                 result["labelling"] = label_report(done)
             else:
-                result["labelling"] = {"reused": str(dataset)}
+                # Labelled by an earlier run of this script: keep that run's measurements.
+                result["labelling"] = {
+                    **previous.get("labelling", {}),
+                    "reused_from_earlier_run": str(dataset),
+                }
                 client.delete(buffer_key(PREFIX))
             result["dataset"] = json.loads(cli(["dataset", "stats", str(dataset), "--json"], env).stdout)
             print("5. training the candidate and a deliberately worse one", flush=True)
