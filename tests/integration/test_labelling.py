@@ -232,3 +232,40 @@ def test_two_labellers_in_parallel_share_the_work_without_duplicates(
     assert sum(r["rows"] for r in reports) == len(ids)
     rows = _dataset_rows(location)
     assert sorted(r["buffer_id"] for r in rows) == sorted(ids)
+
+
+def test_the_periodic_job_runs_once_enough_samples_wait(
+    client: redis.Redis, teacher: OnnxTeacher, tmp_path: Path, unique_name: str
+) -> None:
+    import threading
+
+    labeller = _labeller(client, teacher, tmp_path / "ds", unique_name, "periodic")
+    runs: list[int] = []
+    original = labeller.run_once
+
+    def counted(**kwargs: object) -> object:
+        report = original(**kwargs)  # type: ignore[arg-type]
+        runs.append(report.rows)
+        return report
+
+    labeller.run_once = counted  # type: ignore[method-assign]
+    deadline = time.monotonic() + 30
+    job = threading.Thread(
+        target=labeller.run_forever,
+        kwargs={
+            "every_s": 3600.0,
+            "min_samples": 50,
+            "poll_s": 0.05,
+            "should_stop": lambda: bool(runs[1:]) or time.monotonic() > deadline,
+        },
+    )
+    _fill(client, unique_name, 30)
+    job.start()
+    time.sleep(0.5)
+    assert runs == [30]  # the first run is due at once (--every); then it waits for 50 samples
+    _fill(client, unique_name, 49)
+    time.sleep(0.5)
+    assert runs == [30]
+    client.xadd(buffer_key(unique_name), {BUFFER_FIELD: _sample(999).to_json_bytes()})
+    job.join(timeout=30)
+    assert runs == [30, 50]
