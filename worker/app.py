@@ -9,7 +9,9 @@ unless configured so.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +40,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_WEB_PORT = 6066  # faust's own default
 BUFFER_LENGTH_INTERVAL_S = 5.0
+RELOAD_RETRY_S = 30.0  # a promoted model that failed to load is tried again after this
 PRODUCER_MAX_BATCH_BYTES = 256 * 1024  # one partition's share of a 256-utterance batch fits in one request
 
 
@@ -71,25 +74,32 @@ class ModelWatcher:
         self.metrics = metrics
         self.settings = settings
         self.stamp = registry.stamp()
+        self.retry_at = math.inf  # after a failed load: when to try the same pointer again
         self.labels: tuple[str, ...] | None = None
 
     async def check(self) -> None:
         stamp = self.registry.stamp()
-        if stamp == self.stamp:
+        if stamp == self.stamp and time.monotonic() < self.retry_at:
             return
         self.stamp = stamp
+        self.retry_at = math.inf
         try:
             release = self.registry.current()
             if release is None or release.version == self.pipeline.model_version:
                 return
             student = await asyncio.to_thread(self.load, release)
-        except ModelError as exc:
+        # Any failure of a reload (a bad file, a half-copied volume, onnxruntime) must leave the
+        # worker serving what it has: a crashing timer would take the whole worker down.
+        except Exception as exc:
             self.metrics.model_reloads.labels("failed").inc()
-            log.error("model_reload_failed", serving=self.pipeline.model_version, error=str(exc))
+            self.retry_at = time.monotonic() + RELOAD_RETRY_S
+            log.error(
+                "model_reload_failed",
+                serving=self.pipeline.model_version,
+                error=repr(exc),
+                retry_in_s=RELOAD_RETRY_S,
+            )
             return
-        if self.labels is not None and student.labels != self.labels:
-            log.warning("model_labels_changed", old=list(self.labels), new=list(student.labels))
-        self.labels = student.labels
         old = self.pipeline.swap(
             partial(classify_chunked, student=student, rows=self.settings.inference_rows), student.version
         )
@@ -103,6 +113,9 @@ class ModelWatcher:
             raise ModelError(
                 f"{release.path} holds version {student.version}, the pointer says {release.version}"
             )
+        if self.labels is not None and set(student.labels) != set(self.labels):
+            # Routing services act on label names: a new label set is a new contract, not a reload.
+            raise ModelError(f"{release.version} has labels {list(student.labels)}, not {list(self.labels)}")
         return student
 
 

@@ -223,6 +223,7 @@ def _train_pruned(
         recipe=HeadRecipe.from_card(teacher_card),
         prefix=E5_PREFIX,
         teacher_embeddings=teacher_embeddings,
+        head_cache=settings.cache_dir / "pruned-heads",
     )
     card = train_pruned_model_dir(request, inputs, teacher_tokenizer, e5, teacher_id=f"e5-small@{key[:8]}")
     print(json.dumps({k: card[k] for k in ("version", "int8", "sizes_bytes")}, indent=2))
@@ -373,7 +374,7 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
     import redis
     from prometheus_client import start_http_server
 
-    from worker.dataset import DatasetWriter
+    from worker.dataset import DatasetWriter, Store
     from worker.labelling import BufferLabeller, LabellerMetrics, LabellerOptions
     from worker.services import find_redis
     from worker.teacher import load_teacher
@@ -384,7 +385,7 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
     client = redis.Redis.from_url(url, password=password, socket_timeout=30, socket_connect_timeout=5)
     location = args.data or settings.dataset_dir
     teacher = load_teacher(settings)
-    lock = BufferLabeller.redis_lock(client, settings.redis_key_prefix, location)
+    lock = BufferLabeller.redis_lock(client, settings.redis_key_prefix, Store(location).canonical)
     writer = DatasetWriter(location, teacher.identity, teacher.labels, lock=lock)
     options = LabellerOptions(
         prefix=settings.redis_key_prefix,
@@ -441,9 +442,22 @@ def _dataset_stats(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _dataset_compact(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dataset import compact
+    import redis
 
-    print(json.dumps(compact(args.dataset, target_rows=args.target_rows), indent=2))
+    from worker.dataset import Store, compact
+    from worker.errors import ServiceError
+    from worker.labelling import BufferLabeller
+    from worker.services import find_redis
+
+    lock = None
+    try:  # the labellers' lock too, where they run: it is what guards a dataset on an object store
+        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        client = redis.Redis.from_url(find_redis(settings), password=password, socket_timeout=30)
+        client.ping()
+        lock = BufferLabeller.redis_lock(client, settings.redis_key_prefix, Store(args.dataset).canonical)
+    except (ServiceError, redis.RedisError) as exc:
+        _say(f"no Redis ({exc}): compacting under the local lock only")
+    print(json.dumps(compact(args.dataset, target_rows=args.target_rows, lock=lock), indent=2))
     return 0
 
 
@@ -691,8 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--max-f1-drop", type=float, default=0.005)
     promote.add_argument("--max-kl-growth", type=float, default=0.10, help="relative, per locale")
     promote.add_argument("--min-int8-parity", type=float, default=0.995)
-    promote.add_argument("--max-latency-ratio", type=float, default=1.5)
-    promote.add_argument("--latency-budget-ms", type=float, default=5.0)
+    promote.add_argument("--max-latency-ratio", type=float, default=1.25)
+    promote.add_argument(
+        "--latency-budget-ms", type=float, default=None, help="accept any p50 within this budget"
+    )
     promote.set_defaults(handler=_promote)
     rollback = commands.add_parser("rollback", help="serve the previously promoted model again")
     rollback.set_defaults(handler=_rollback, timing=False)

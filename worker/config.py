@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.topics import DEFAULT_REDIS_PREFIX
+from worker.topics import DEFAULT_REDIS_PREFIX, LABELLER_GROUP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models"
@@ -137,7 +137,7 @@ class Settings(BaseSettings):
         description="Dataset the labelling job writes: a directory or any fsspec URL (s3://...).",
     )
     labeller_group: str = Field(
-        default="labellers", min_length=1, description="Redis consumer group the labelling jobs share."
+        default=LABELLER_GROUP, min_length=1, description="Redis consumer group the labelling jobs share."
     )
     labeller_shard_rows: int = Field(
         default=1024, ge=1, description="Buffer entries labelled and written as one Parquet shard."

@@ -37,9 +37,11 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -60,6 +62,7 @@ log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+REQUIRED_KEYS = ("dataset_version", "teacher", "shards", "counts", "time_range")
 ORPHAN_GRACE_S = 600.0  # a shard younger than this may be a writer's commit in progress
 
 SCHEMA = pa.schema(
@@ -231,16 +234,37 @@ class Store:
             return {p.name: p.stat().st_mtime for p in self.local.iterdir() if p.is_file()}
         out: dict[str, float] = {}
         for info in self.fs.ls(self.root, detail=True):
-            modified = info.get("mtime") or info.get("LastModified") or info.get("created") or time.time()
-            stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
-            out[str(info["name"]).rstrip("/").rsplit("/", 1)[-1]] = stamp
+            out[str(info["name"]).rstrip("/").rsplit("/", 1)[-1]] = _timestamp(info)
         return out
+
+    @property
+    def canonical(self) -> str:
+        """One spelling per location (absolute path, or protocol + root): what locks are keyed by."""
+        if self.local is not None:
+            return str(self.local.resolve())
+        return str(self.fs.unstrip_protocol(self.root.rstrip("/")))
 
     def default_lock(self) -> AbstractContextManager[object]:
         """``flock`` on ``.lock`` locally; on a URL, no lock (pass one to the writer)."""
         if self.local is None:
             return contextlib.nullcontext()
         return _flock(self.local / ".lock")
+
+
+def _timestamp(info: dict[str, Any]) -> float:
+    """A listing entry's modification time; fsspec backends name and type it differently."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    return time.time()  # unknown: treated as new, so never removed as a stale orphan
 
 
 @contextlib.contextmanager
@@ -271,8 +295,19 @@ def _parse_manifest(store: Store) -> dict[str, Any]:
         raise DataError(
             f"{store.location}/{MANIFEST}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}"
         )
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    teacher = manifest.get("teacher")
+    if missing or not isinstance(teacher, dict) or not {"id", "labels"} <= set(teacher):
+        raise DataError(
+            f"{store.location}/{MANIFEST} is not a dataset_manifest.v1: missing {missing or 'teacher id/labels'}"
+        )
+    if not isinstance(manifest["shards"], list) or not all(
+        isinstance(s, dict) and {"name", "file", "rows"} <= set(s) for s in manifest["shards"]
+    ):
+        raise DataError(f"{store.location}/{MANIFEST}: malformed shard list")
     manifest.setdefault("runs", [])
     manifest.setdefault("notes", [])
+    manifest.setdefault("retired", [])
     return manifest
 
 
@@ -282,6 +317,10 @@ def read_manifest(location: str | Path) -> dict[str, Any]:
 
 def _write_manifest(store: Store, manifest: dict[str, Any]) -> None:
     store.write_atomic(MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def _shard_file(name: str) -> str:
+    return f"shard-{name}-{uuid.uuid4().hex[:8]}.parquet"
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -331,6 +370,11 @@ class DatasetWriter:
                     raise DataError(
                         f"{self.location}: dataset labels {self.manifest['teacher']['labels']} differ from {list(labels)}"
                     )
+                if self.manifest["teacher"]["id"] != teacher_id:
+                    raise DataError(
+                        f"{self.location} was labelled by {self.manifest['teacher']['id']}, not {teacher_id}: "
+                        "write to a new dataset (train on several with --data A B)"
+                    )
             else:
                 self.manifest = {
                     "dataset_version": 0,
@@ -370,10 +414,14 @@ class DatasetWriter:
             return Commit(name, 0, 0)
         now = self.clock()
         payload = _table_bytes(rows.table(now))
-        self.store.write_atomic(f"shard-{name}.parquet", payload)
+        # The file name is unique to this write: a writer racing on the same entries never
+        # replaces a file another one has published.
+        file = _shard_file(name)
+        self.store.write_atomic(file, payload)
         with self.lock():
             self.refresh()
             if self.has_shard(name):
+                self.store.delete(file)
                 return Commit(name, 0, 0)
             duplicates = 0
             if rows.buffer_ids:
@@ -381,25 +429,32 @@ class DatasetWriter:
                 duplicates = len(fresh) - sum(fresh)
                 if duplicates:
                     # Another writer published some of these entries first: publish only the rest.
-                    self.store.delete(f"shard-{name}.parquet")
+                    self.store.delete(file)
                     rows = rows.select(fresh)
                     if not rows:
                         log.info("shard_duplicate", shard=name, duplicates=duplicates)
                         return Commit(name, 0, duplicates)
                     name = sha256_bytes(f"{name}:{','.join(str(b) for b in rows.buffer_ids)}".encode())[:20]
                     payload = _table_bytes(rows.table(now))
-                    self.store.write_atomic(f"shard-{name}.parquet", payload)
-            self._publish(name, rows, payload, now, note)
+                    file = _shard_file(name)
+                    self.store.write_atomic(file, payload)
+            self._publish(name, file, rows, payload, now, note)
         return Commit(name, len(rows), duplicates)
 
     def _publish(
-        self, name: str, rows: ShardRows, payload: bytes, now: float, note: dict[str, object] | None
+        self,
+        name: str,
+        file: str,
+        rows: ShardRows,
+        payload: bytes,
+        now: float,
+        note: dict[str, object] | None,
     ) -> None:
         manifest = self.manifest
         manifest["shards"].append(
             {
                 "name": name,
-                "file": f"shard-{name}.parquet",
+                "file": file,
                 "rows": len(rows),
                 "sha256": sha256_bytes(payload),
                 "written_at": now,
@@ -466,7 +521,7 @@ def dataset_labels(location: str | Path) -> tuple[str, ...]:
 
 def orphans(store: Store, manifest: dict[str, Any]) -> dict[str, float]:
     """Shard and temporary files no manifest lists, with their age in seconds."""
-    listed = {s["file"] for s in manifest["shards"]}
+    listed = {s["file"] for s in manifest["shards"]} | {r["file"] for r in manifest.get("retired", [])}
     now = time.time()
     return {
         name: now - mtime
@@ -509,7 +564,7 @@ def compact(
     then are the old files deleted: a crash at any point leaves a consistent dataset.
     """
     store = Store(location)
-    with (lock or store.default_lock)():
+    with (store.default_lock if lock is None else partial(_both, lock, store.default_lock))():
         manifest = _parse_manifest(store)
         groups: list[list[dict[str, Any]]] = [[]]
         for shard in manifest["shards"]:
@@ -525,11 +580,12 @@ def compact(
             table = pa.concat_tables([_read_shard(store, shard) for shard in group])
             name = sha256_bytes(":".join(s["name"] for s in group).encode())[:20]
             payload = _table_bytes(table)
-            store.write_atomic(f"shard-{name}.parquet", payload)
+            file = _shard_file(name)
+            store.write_atomic(file, payload)
             merged.append(
                 {
                     "name": name,
-                    "file": f"shard-{name}.parquet",
+                    "file": file,
                     "rows": table.num_rows,
                     "sha256": sha256_bytes(payload),
                     "written_at": time.time(),
@@ -538,11 +594,14 @@ def compact(
             )
             retired.extend(s["file"] for s in group)
         before = len(manifest["shards"])
+        now = time.time()
+        # Retired shards stay a grace period: a reader that read the old manifest may still open them.
+        manifest["retired"] = [r for r in manifest["retired"] if now - r["at"] < grace_s] + [
+            {"file": f, "at": now} for f in retired
+        ]
         manifest["shards"] = merged
         manifest["dataset_version"] += 1
         _write_manifest(store, manifest)
-        for name in retired:
-            store.delete(name)
         stale = [name for name, age in orphans(store, manifest).items() if age >= grace_s]
         for name in stale:
             store.delete(name)

@@ -63,7 +63,10 @@ class Student:
         self._max_chars = 64 * max_length
         pad = self._tokenizer.token_to_id("<pad>")
         self._pad_id = 0 if pad is None else int(pad)
-        width = self.logits(["probe"]).shape[1]
+        try:
+            width = self.logits(["probe"]).shape[1]
+        except Exception as exc:  # onnxruntime raises bare errors for a graph that does not run
+            raise ModelError(f"student {directory} does not run: {exc}") from exc
         if width != len(self.labels):
             raise ModelError(
                 f"{directory}: model outputs {width} logits but labels.json has {len(self.labels)}"

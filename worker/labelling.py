@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,22 +32,22 @@ import numpy as np
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from worker.corpus import read_jsonl
 from worker.dataset import Commit, DatasetWriter, ShardRows
-from worker.errors import BadInput
+from worker.errors import BadInput, DataError
 from worker.sampling import UNKNOWN_LOCALE
 from worker.schemas import BufferSample
 from worker.teacher import Teacher
-from worker.topics import BUFFER_FIELD, buffer_dead_key, buffer_key, dataset_lock_key
+from worker.topics import BUFFER_FIELD, LABELLER_GROUP, buffer_dead_key, buffer_key, dataset_lock_key
 
 log = structlog.get_logger(__name__)
 
 DEAD_STREAM_MAXLEN = 100_000
-#: The dataset lock expires this long after a holder died (its critical section takes milliseconds:
-#: re-read the manifest, index new shards, rewrite the manifest).
+#: The dataset lock expires this long after its holder died (a live holder renews it).
 LOCK_TIMEOUT_S = 15.0
+LOCK_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,11 @@ class LabellerOptions:
     """The job's knobs; see :class:`worker.config.Settings` (``labeller_*``)."""
 
     prefix: str
-    group: str = "labellers"
+    group: str = LABELLER_GROUP
     consumer: str = "labeller"
     shard_rows: int = 1024  # entries read, labelled and written as one shard
     claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead labeller
+    max_deliveries: int = 5  # an entry delivered more often than this is dead-lettered (poison)
     block_s: float = 0.2  # how long a read waits for new entries before the run ends
 
 
@@ -230,14 +232,7 @@ class BufferLabeller:
         client: Redis, prefix: str, location: str
     ) -> Callable[[], contextlib.AbstractContextManager[object]]:
         """The dataset lock across hosts (a Redis lock); the writer adds its local one inside."""
-
-        def lock() -> contextlib.AbstractContextManager[object]:
-            held: contextlib.AbstractContextManager[object] = client.lock(
-                dataset_lock_key(prefix, location), timeout=LOCK_TIMEOUT_S, blocking_timeout=300
-            )
-            return held
-
-        return lock
+        return lambda: renewed_lock(client, dataset_lock_key(prefix, location))
 
     def ensure_group(self) -> None:
         try:
@@ -293,11 +288,29 @@ class BufferLabeller:
         count = self.options.shard_rows
         entries = self._own_pending(count)
         if entries:
-            return entries, 0
+            return self._without_poison(entries), 0
         claimed = self._claim(count)
         if claimed:
-            return claimed, len(claimed)
+            return self._without_poison(claimed), len(claimed)
         return self._new(count, self.options.block_s if block_s is None else block_s), 0
+
+    def _without_poison(self, entries: list[_Entry]) -> list[_Entry]:
+        """Re-delivered entries, minus those delivered ``max_deliveries`` times already: an entry
+        that keeps killing labellers is dead-lettered and acknowledged, not retried forever."""
+        ids = {e.id for e in entries}
+        pending = self.client.xpending_range(
+            self.stream, self.options.group, min=min(ids, key=_entry_order), max=max(ids, key=_entry_order),
+            count=len(entries) * 4, consumername=self.options.consumer,
+        )  # fmt: skip
+        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        poison = [e for e in entries if deliveries.get(e.id, 0) > self.options.max_deliveries]
+        for entry in poison:
+            self._dead_letter(
+                entry,
+                BadInput(f"delivered {deliveries[entry.id]} times without being labelled", reason="poison"),
+            )
+        self._acknowledge([e.id for e in poison])
+        return [e for e in entries if e not in poison]
 
     # -- one batch ----------------------------------------------------------------------------
 
@@ -352,7 +365,8 @@ class BufferLabeller:
                 report.shards.append(commit.name)
             self.metrics.entries.labels("labelled").inc(commit.rows)
             self.metrics.entries.labels("duplicate").inc(commit.duplicates)
-            for (_, sample), teacher_label in zip(fresh, teacher_labels, strict=True):
+            published = commit.rows == len(fresh)  # else a racing writer had some: skip the tally
+            for (_, sample), teacher_label in zip(fresh if published else [], teacher_labels, strict=False):
                 tally = report.disagreement.setdefault(sample.locale or UNKNOWN_LOCALE, [0, 0])
                 tally[0] += 1
                 tally[1] += sample.label != teacher_label
@@ -401,8 +415,10 @@ class BufferLabeller:
         for stage, seconds in report.seconds.items():
             self.metrics.stage_seconds.labels(stage).inc(seconds)
         line = report.to_manifest()
-        for locale, value in line["disagreement"].items():  # type: ignore[attr-defined]
-            self.metrics.disagreement.labels(locale).set(value["rate"])
+        if report.disagreement:  # an empty run says nothing about drift: keep the last values
+            self.metrics.disagreement.clear()
+            for locale, value in line["disagreement"].items():  # type: ignore[attr-defined]
+                self.metrics.disagreement.labels(locale).set(value["rate"])
         if report.entries:
             self.writer.add_run(line)
         log.info(
@@ -428,14 +444,57 @@ class BufferLabeller:
     ) -> None:
         """A run every ``every_s`` seconds, or as soon as ``min_samples`` wait, whichever comes first."""
         last = -float("inf")
+        backoff = poll_s
         while not should_stop():
-            due = every_s is not None and time.monotonic() - last >= every_s
-            full = min_samples is not None and self.backlog() >= min_samples
-            if due or full or (every_s is None and min_samples is None):
-                self.run_once()
-                last = time.monotonic()
+            try:
+                due = every_s is not None and time.monotonic() - last >= every_s
+                full = min_samples is not None and self.backlog() >= min_samples
+                if due or full or (every_s is None and min_samples is None):
+                    self.run_once()
+                    last = time.monotonic()
+                    backoff = poll_s
+                    continue
+            except RedisError as exc:  # Redis restarting or unreachable: wait, then start over
+                log.warning("labeller_redis_error", error=repr(exc), retry_in_s=backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                with contextlib.suppress(RedisError):
+                    self.ensure_group()  # an in-memory Redis that restarted lost the group
                 continue
             time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def renewed_lock(client: Redis, key: str) -> Iterator[object]:
+    """A Redis lock that a watchdog thread renews while it is held, so a slow critical section
+    (an object store, a waiting ``flock``) never outlives it; a holder that dies frees it after
+    ``LOCK_TIMEOUT_S``. Leaving it after it was lost anyway raises :class:`DataError`."""
+    lock = client.lock(key, timeout=LOCK_TIMEOUT_S, blocking_timeout=LOCK_WAIT_S)
+    if not lock.acquire():
+        raise DataError(f"could not take the dataset lock {key} within {LOCK_WAIT_S:.0f} s")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LOCK_TIMEOUT_S / 3):
+            with contextlib.suppress(RedisError):
+                lock.extend(LOCK_TIMEOUT_S, replace_ttl=True)
+
+    watchdog = threading.Thread(target=renew, name="dataset-lock", daemon=True)
+    watchdog.start()
+    try:
+        yield lock
+        if not lock.owned():
+            raise DataError(f"the dataset lock {key} expired while held; the manifest may need a check")
+    finally:
+        stop.set()
+        watchdog.join()
+        with contextlib.suppress(RedisError):
+            lock.release()
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: Any) -> str:

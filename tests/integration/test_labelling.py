@@ -269,3 +269,18 @@ def test_the_periodic_job_runs_once_enough_samples_wait(
     client.xadd(buffer_key(unique_name), {BUFFER_FIELD: _sample(999).to_json_bytes()})
     job.join(timeout=30)
     assert runs == [30, 50]
+
+
+def test_an_entry_that_keeps_failing_is_dead_lettered_not_retried_forever(
+    client: redis.Redis, teacher: OnnxTeacher, tmp_path: Path, unique_name: str
+) -> None:
+    (entry_id,) = _fill(client, unique_name, 1)
+    labeller = _labeller(client, teacher, tmp_path / "ds", unique_name, "crashy", max_deliveries=2)
+    for delivery in (1, 2):  # read, then "crash" before acknowledging
+        entries, _ = labeller.next_entries()
+        assert [e.id for e in entries] == [entry_id], delivery
+    entries, _ = labeller.next_entries()  # the third delivery
+    assert entries == []
+    (dead,) = client.xrange(buffer_dead_key(unique_name))
+    assert dead[1][b"reason"] == b"poison" and dead[1][b"entry"] == entry_id.encode()
+    assert client.xlen(buffer_key(unique_name)) == 0

@@ -55,11 +55,16 @@ def test_other_labels_and_broken_manifests_are_refused(tmp_path: Path) -> None:
     DatasetWriter(tmp_path / "ds", "teacher@1", LABELS).write_shard("a", _rows(2))
     with pytest.raises(DataError, match="labels"):
         DatasetWriter(tmp_path / "ds", "teacher@2", ("Yes", "No"))
-    (tmp_path / "ds" / "shard-a.parquet").unlink()
+    with pytest.raises(DataError, match="labelled by teacher@1"):
+        DatasetWriter(tmp_path / "ds", "teacher@2", LABELS)
+    (tmp_path / "ds" / read_manifest(tmp_path / "ds")["shards"][0]["file"]).unlink()
     with pytest.raises(DataError, match="missing"):
         list(iter_batches(tmp_path / "ds"))
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(DataError, match="schema_version"):
+        read_manifest(tmp_path / "ds")
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({"schema_version": 1}))
+    with pytest.raises(DataError, match="not a dataset_manifest"):
         read_manifest(tmp_path / "ds")
     with pytest.raises(DataError, match="no manifest"):
         read_manifest(tmp_path / "nothing")
