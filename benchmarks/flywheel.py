@@ -413,6 +413,17 @@ def main() -> int:
                 else:  # trained by an earlier run of this script
                     earlier = previous.get("training_seconds", {}).get(out.name)
                     result.setdefault("training_seconds", {})[out.name] = earlier or "reused"
+            result["candidates"] = {}
+            for out in (candidate, worse):
+                card = json.loads((out / "card.json").read_text())
+                result["candidates"][out.name] = {
+                    "version": card["version"],
+                    "train_rows": card["data"]["train_rows"],
+                    "best_epoch": card["training"]["best_epoch"],
+                    "training_seconds": card["training"]["seconds"],
+                    "threads": card["training"]["threads"],
+                    "command": card["command"],
+                }
             print("6. the gate refuses the worse candidate", flush=True)
             refused = cli(["promote", str(worse), "--out", str(work / "gate-worse.json")], env, check=False)
             result["gate_worse"] = {
