@@ -514,27 +514,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def find_kafka(settings: Settings) -> str:
-    """The configured bootstrap, else that of the ``intent-worker run`` using ``settings.run_dir``."""
-    if settings.kafka_bootstrap:
-        return settings.kafka_bootstrap
+def _running(settings: Settings, service: str, variable: str) -> RunState:
     state = RunState.read(settings.run_dir)
     if state is None:
         raise ServiceError(
-            f"no Kafka to talk to: INTENT_KAFKA_BOOTSTRAP is unset and no `intent-worker run` is running "
-            f"with run directory {settings.run_dir}; start one (`make run`) or set INTENT_KAFKA_BOOTSTRAP"
+            f"no {service} to talk to: {variable} is unset and no `intent-worker run` is running "
+            f"with run directory {settings.run_dir}; start one (`make run`) or set {variable}"
         )
-    return state.kafka_bootstrap
+    return state
+
+
+def find_kafka(settings: Settings) -> str:
+    """The configured bootstrap, else that of the ``intent-worker run`` using ``settings.run_dir``."""
+    return settings.kafka_bootstrap or _running(settings, "Kafka", "INTENT_KAFKA_BOOTSTRAP").kafka_bootstrap
 
 
 def find_redis(settings: Settings) -> str:
     """The configured Redis URL, else that of the ``intent-worker run`` using ``settings.run_dir``."""
-    if settings.redis_url:
-        return settings.redis_url
-    state = RunState.read(settings.run_dir)
-    if state is None:
-        raise ServiceError(
-            f"no Redis to read the buffer from: INTENT_REDIS_URL is unset and no `intent-worker run` is "
-            f"running with run directory {settings.run_dir}; start one (`make run`) or set INTENT_REDIS_URL"
-        )
-    return state.redis_url
+    return settings.redis_url or _running(settings, "Redis", "INTENT_REDIS_URL").redis_url
