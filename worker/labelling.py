@@ -400,7 +400,7 @@ class BufferLabeller:
     def run_once(self, *, max_entries: int | None = None) -> RunReport:
         """Drain what the buffer holds now (own pending, idle claims, new entries); record the run."""
         report = RunReport(run=f"{self.options.consumer}@{self.clock():.3f}", started=self.clock())
-        log.info("labelling_run_started", run=report.run, backlog=self.backlog())
+        log.debug("labelling_run_started", run=report.run, backlog=self.backlog())
         while max_entries is None or report.entries < max_entries:
             read = time.perf_counter()
             entries, claimed = self.next_entries()
@@ -421,7 +421,7 @@ class BufferLabeller:
                 self.metrics.disagreement.labels(locale).set(value["rate"])
         if report.entries:
             self.writer.add_run(line)
-        log.info(
+        (log.info if report.entries else log.debug)(
             "labelling_run_finished",
             run=report.run,
             entries=report.entries,
@@ -450,9 +450,11 @@ class BufferLabeller:
                 due = every_s is not None and time.monotonic() - last >= every_s
                 full = min_samples is not None and self.backlog() >= min_samples
                 if due or full or (every_s is None and min_samples is None):
-                    self.run_once()
+                    idle = not self.run_once().entries
                     last = time.monotonic()
                     backoff = poll_s
+                    if idle:  # nothing waited: do not spin on an empty buffer
+                        time.sleep(poll_s)
                     continue
             except RedisError as exc:  # Redis restarting or unreachable: wait, then start over
                 log.warning("labeller_redis_error", error=repr(exc), retry_in_s=backoff)
