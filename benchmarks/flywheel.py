@@ -1,13 +1,15 @@
 """The closed distillation loop, end to end, on real services: ``make loop-demo``.
 
-1. A worker serves the shipped student on a fresh Tansu broker and valkey-server.
+1. A worker serves "generation 0" (the shipped CNN recipe distilled from a 10% seed of the
+   teacher-labelled development corpus, `make corpus`) on a fresh Tansu broker and valkey.
 2. Every training text of ``../shared/data`` (MASSIVE train, Tatoeba and its English side) is
    replayed through it; it samples them into the Redis buffer (rate 1 for the demo).
 3. The labeller's throughput is measured at 1 and 2 teacher threads on the same 2,000 entries,
    with its time split (Redis, decode, teacher, Parquet write).
 4. ``intent-worker label --once`` labels the whole buffer into a dataset.
 5. ``intent-worker train`` distils a candidate from that dataset (the shipped recipe), and a
-   deliberately worse one from 1% of it.
+   deliberately worse one from 1% of it. The candidate is also gated, as a dry run, against the
+   shipped student (trained on the same texts), to show what the gate says of a retrained twin.
 6. ``intent-worker promote`` refuses the worse one (and says why), and promotes the candidate
    while traffic flows at a steady rate; then ``intent-worker rollback``. Every utterance sent
    during the switches is checked: answered once, by which version, none lost or dead-lettered.
@@ -327,6 +329,13 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--throughput-entries", type=int, default=2000)
     parser.add_argument("--kills", type=int, default=8)
+    parser.add_argument("--train-threads", type=int, default=2)
+    parser.add_argument(
+        "--seed-corpus",
+        type=Path,
+        default=ROOT / ".cache" / "datasets" / "dev",
+        help="generation 0 trains on 10%% of it",
+    )
     parser.add_argument("--switch-rate", type=float, default=300.0)
     parser.add_argument("--switch-seconds", type=float, default=60.0)
     args = parser.parse_args()
@@ -335,8 +344,16 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     registry = work / "registry"
-    shutil.rmtree(registry, ignore_errors=True)  # every demo starts serving the shipped student
+    shutil.rmtree(registry, ignore_errors=True)  # every demo starts serving generation 0
     dataset, candidate, worse = work / "dataset", work / "candidate", work / "worse"
+    seed = work / "generation-0"
+    recipe = ["--arch", "cnn", "--filters", "128", "--min-count", "2", "--threads", str(args.train_threads)]
+    if not (seed / "card.json").exists():
+        # Generation 0: the shipped recipe on a 10% seed of the teacher-labelled development corpus.
+        if not (args.seed_corpus / "manifest.json").exists():
+            raise SystemExit(f"no seed corpus at {args.seed_corpus}: run `make corpus` first")
+        cli(["train", *recipe, "--epochs", str(args.epochs), "--fraction", "0.1", "--data", str(args.seed_corpus),
+             "--out", str(seed)], clean_env({}), capture=False)  # fmt: skip
     texts = training_texts(args.shared)
     _SWITCH_TEXTS.extend((t.text, t.locale) for t in random.Random(1).sample(texts, 5000))
     result: dict[str, Any] = {"machine": machine(), "texts": len(texts)}
@@ -351,6 +368,7 @@ def main() -> int:
                 "INTENT_REDIS_URL": valkey.url,
                 "INTENT_REDIS_KEY_PREFIX": PREFIX,
                 "INTENT_REGISTRY_DIR": str(registry),
+                "INTENT_STUDENT_DIR": str(seed),
                 "INTENT_RUN_DIR": str(work / "run"),
             }
         )
@@ -364,7 +382,7 @@ def main() -> int:
         }
         worker = WorkerRun(
             kafka=kafka.bootstrap, redis=valkey.url, run_dir=work / "run", group=GROUP,
-            student=ROOT / "models" / "student", partitions=4, extra={**sampling, "INTENT_REGISTRY_DIR": str(registry), "INTENT_REDIS_KEY_PREFIX": PREFIX},
+            student=seed, partitions=4, extra={**sampling, "INTENT_REGISTRY_DIR": str(registry), "INTENT_REDIS_KEY_PREFIX": PREFIX},
         )  # fmt: skip
         with worker:
             worker.wait_healthy()
@@ -395,7 +413,6 @@ def main() -> int:
                 client.delete(buffer_key(PREFIX))
             result["dataset"] = json.loads(cli(["dataset", "stats", str(dataset), "--json"], env).stdout)
             print("5. training the candidate and a deliberately worse one", flush=True)
-            recipe = ["--arch", "cnn", "--filters", "128", "--min-count", "2", "--threads", "2"]
             for out, extra in (
                 (candidate, ["--epochs", str(args.epochs)]),
                 (worse, ["--epochs", str(args.epochs), "--fraction", "0.01"]),
@@ -414,7 +431,7 @@ def main() -> int:
                     earlier = previous.get("training_seconds", {}).get(out.name)
                     result.setdefault("training_seconds", {})[out.name] = earlier or "reused"
             result["candidates"] = {}
-            for out in (candidate, worse):
+            for out in (seed, candidate, worse):
                 card = json.loads((out / "card.json").read_text())
                 result["candidates"][out.name] = {
                     "version": card["version"],
@@ -424,6 +441,14 @@ def main() -> int:
                     "threads": card["training"]["threads"],
                     "command": card["command"],
                 }
+            print("   the same candidate against the shipped student (dry run)", flush=True)
+            shipped = cli(
+                ["promote", str(candidate), "--dry-run", "--out", str(work / "gate-vs-shipped.json")],
+                {**env, "INTENT_REGISTRY_DIR": str(work / "no-registry"), "INTENT_STUDENT_DIR": str(ROOT / "models" / "student")},
+                check=False,
+            )  # fmt: skip
+            result["gate_candidate_vs_shipped"] = json.loads((work / "gate-vs-shipped.json").read_text())
+            print(shipped.stdout, flush=True)
             print("6. the gate refuses the worse candidate", flush=True)
             refused = cli(["promote", str(worse), "--out", str(work / "gate-worse.json")], env, check=False)
             result["gate_worse"] = {
