@@ -319,6 +319,50 @@ def _switch_texts(n: int) -> list[tuple[str, str]]:
     return [pool[i % len(pool)] for i in range(n)]
 
 
+def samples_from_dataset(location: Path, n: int) -> list[Any]:
+    """``n`` random rows of a buffer-made dataset, turned back into buffer entries (for re-measuring
+    the labeller without a worker): the same texts and fields the worker sampled."""
+    import numpy as np
+
+    from worker.schemas import BufferSample, SampleReason
+
+    manifest = json.loads((location / "manifest.json").read_text())
+    labels = manifest["teacher"]["labels"]
+    rows = [r for shard in manifest["shards"] for r in pq.read_table(location / shard["file"]).to_pylist()]
+    entries = []
+    for row in random.Random(0).sample(rows, min(n, len(rows))):
+        logits = np.asarray(row["student_logits"], np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        ordered = np.sort(probs)
+        sample = BufferSample(
+            id=row["id"], text=row["text"], locale=row["locale"], label=labels[int(probs.argmax())],
+            logits=tuple(row["student_logits"]), scores={k: float(p) for k, p in zip(labels, probs, strict=True)},
+            margin=float(ordered[-1] - ordered[-2]), model_version=row["model_version"], stratum=row["stratum"],
+            reason=SampleReason.STRATUM, sampling_probability=1 / row["weight"], weight=row["weight"],
+            timestamp=row["sampled_at"],
+        )  # fmt: skip
+        entries.append((b"", {BUFFER_FIELD.encode(): sample.to_json_bytes()}))
+    return entries
+
+
+def labeller_only(args: argparse.Namespace) -> int:
+    """Re-measure the labeller (1 vs 2 threads, two at once) on a quiet machine; updates flywheel.json."""
+    path = ROOT / "benchmarks" / "results" / "flywheel.json"
+    result = json.loads(path.read_text())
+    work: Path = args.workdir
+    chosen = samples_from_dataset(work / "dataset", args.throughput_entries)
+    with start_redis(work / "valkey-labeller") as valkey:
+        client = redis.Redis.from_url(valkey.url)
+        env = clean_env({"INTENT_REDIS_URL": valkey.url, "INTENT_RUN_DIR": str(work / "run")})
+        result["labeller_throughput"] = labeller_throughput(client, env, work, chosen)
+        result["two_labellers"] = parallel_labellers(client, env, work, chosen)
+    result["labeller_measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(json.dumps({k: result[k] for k in ("labeller_throughput", "two_labellers")}, indent=1))
+    write_result("flywheel", result)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -338,7 +382,12 @@ def main() -> int:
     )
     parser.add_argument("--switch-rate", type=float, default=300.0)
     parser.add_argument("--switch-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--labeller-only", action="store_true", help="only re-measure the labeller, from the demo's dataset"
+    )
     args = parser.parse_args()
+    if args.labeller_only:
+        return labeller_only(args)
     work: Path = args.workdir
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)

@@ -487,6 +487,9 @@ def _promote(settings: Settings, args: argparse.Namespace) -> int:
         min_int8_parity=args.min_int8_parity,
         max_latency_ratio=args.max_latency_ratio,
         latency_budget_ms=args.latency_budget_ms,
+        languages=None
+        if args.all_locales
+        else frozenset(x.strip().lower() for x in settings.served_languages.split(",") if x.strip()),
     )
     decision = evaluate_candidate(candidate, current, golden, thresholds)
     report = decision.to_json()
@@ -700,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--golden", nargs="*", help="labelled JSONL (default: MASSIVE + xSID validation)")
     promote.add_argument("--golden-split", default="validation", help="rows of this split")
     promote.add_argument("--dry-run", action="store_true", help="decide, but do not publish")
+    promote.add_argument(
+        "--all-locales", action="store_true", help="judge KL in every locale, not only the served languages"
+    )
     promote.add_argument("--out", help="write the gate's JSON report here")
     promote.add_argument("--max-agreement-drop", type=float, default=0.005)
     promote.add_argument("--max-f1-drop", type=float, default=0.005)

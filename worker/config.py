@@ -148,6 +148,11 @@ class Settings(BaseSettings):
         description="A buffer entry pending this long with a labeller that stopped is taken over.",
     )
 
+    served_languages: str = Field(
+        default="ko,en,ja,zh,es,fr,de,pt,it,ru,ar,hi,th,vi,id,tr,nl,pl",
+        description="Languages the service promises (primary subtags): the promotion gate judges KL per locale in these.",
+    )
+
     # The model registry: what `promote` publishes and the workers serve.
     registry_dir: Path = Field(
         default=MODELS_DIR / "registry",

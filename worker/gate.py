@@ -6,8 +6,11 @@ and xSID validation splits) whose teacher logits are computed once and cached:
 ==============  ===========================================================================
 agreement       top label equal to the teacher's; may drop at most ``max_agreement_drop``
 macro_f1        against gold labels; may drop at most ``max_f1_drop``
-kl_per_locale   mean KL(teacher || student) of each locale with ``min_locale_rows`` rows; may
-                grow at most ``max_kl_growth`` (relative) plus ``kl_slack`` (absolute, nats)
+kl_per_locale   mean KL(teacher || student) of each locale with ``min_locale_rows`` rows, of the
+                languages served (``Settings.served_languages``; other locales still count in
+                the overall agreement, F1 and KL); may
+                grow at most ``max_kl_growth`` (relative) plus ``kl_slack`` (absolute, nats),
+                unless the growth is within chance (a paired test on the locale's rows)
 int8_parity     INT8/FP32 top-label agreement of the candidate (measured when ``fp32.onnx`` is
                 beside it, else its card); at least ``min_int8_parity``
 latency         p50 of one utterance, measured interleaved with the current model; at most
@@ -54,6 +57,8 @@ class Thresholds:
     max_latency_ratio: float = 1.25
     latency_slack_ms: float = 0.05  # sub-millisecond medians jitter by tens of microseconds
     latency_budget_ms: float | None = None
+    #: Languages (primary subtags) whose locales the per-locale KL check judges; None: every locale.
+    languages: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,11 @@ class ModelReport:
     int8_parity: float
     int8_parity_source: str
     latency_p50_ms: float = float("nan")
+    #: Per-row KL on the golden set, for the paired per-locale test (not reported).
+    kl_rows: npt.NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "kl_rows"}
 
 
 @dataclass
@@ -129,8 +139,8 @@ class Decision:
             "promote": self.promote,
             "reasons": self.reasons(),
             "checks": [asdict(c) for c in self.checks],
-            "candidate": asdict(self.candidate),
-            "current": asdict(self.current),
+            "candidate": self.candidate.to_json(),
+            "current": self.current.to_json(),
             "golden": self.golden,
         }
 
@@ -197,6 +207,7 @@ def measure(student: Student, golden: GoldenSet) -> ModelReport:
         per_locale,
         parity,
         source,
+        kl_rows=kl.astype(np.float64),
     )
 
 
@@ -253,11 +264,16 @@ def decide(candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: T
     )
     counts = {loc: golden.locales.count(loc) for loc in set(golden.locales)}
     worse = {}
+    locales = np.asarray(golden.locales)
     for locale, value in candidate.kl_per_locale.items():
         if counts.get(locale, 0) < t.min_locale_rows or locale not in current.kl_per_locale:
             continue
+        if t.languages is not None and language_of(locale) not in t.languages:
+            continue
         limit = current.kl_per_locale[locale] * (1 + t.max_kl_growth) + t.kl_slack
-        if not np.isfinite(value) or value > limit:
+        if not np.isfinite(value):
+            worse[locale] = (value, round(current.kl_per_locale[locale], 4))
+        elif value > limit and _significant(candidate, current, locales == locale):
             worse[locale] = (round(value, 4), round(current.kl_per_locale[locale], 4))
     checks.append(
         Check(
@@ -304,6 +320,24 @@ def decide(candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: T
         current,
         {"n": len(golden.texts), "identity": golden.identity, "locales": counts},
     )
+
+
+def language_of(locale: str) -> str:
+    """``de-DE``, ``de_ba``, ``DE`` -> ``de``."""
+    return locale.replace("_", "-").split("-")[0].lower()
+
+
+def _significant(candidate: ModelReport, current: ModelReport, rows: npt.NDArray[np.bool_]) -> bool:
+    """Whether the candidate's KL is higher on ``rows`` beyond chance: the same texts score both
+    models, so the test is paired (mean difference over its standard error, one-sided 97.5%).
+    Without per-row values (a report from elsewhere) any growth beyond the tolerance counts."""
+    if candidate.kl_rows is None or current.kl_rows is None:
+        return True
+    diff = candidate.kl_rows[rows] - current.kl_rows[rows]
+    if diff.size < 2:
+        return True
+    se = float(diff.std(ddof=1)) / np.sqrt(diff.size)
+    return bool(diff.mean() - 1.96 * se > 0)
 
 
 def evaluate_candidate(candidate: Student, current: Student, golden: GoldenSet, t: Thresholds) -> Decision:

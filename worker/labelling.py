@@ -124,7 +124,7 @@ class LabellerOptions:
     consumer: str = "labeller"
     shard_rows: int = 1024  # entries read, labelled and written as one shard
     claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead labeller
-    max_deliveries: int = 5  # an entry delivered more often than this is dead-lettered (poison)
+    max_deliveries: int = 16  # delivered more often than this (by then alone): dead-lettered as poison
     block_s: float = 0.2  # how long a read waits for new entries before the run ends
 
 
@@ -224,7 +224,6 @@ class BufferLabeller:
         self.clock = clock
         self.stream = buffer_key(options.prefix)
         self.dead = buffer_dead_key(options.prefix)
-        self._claim_cursor = "0-0"
         self.ensure_group()
 
     @staticmethod
@@ -264,14 +263,31 @@ class BufferLabeller:
         """Entries idle for ``claim_idle_s`` in another consumer's pending list."""
         idle_ms = int(self.options.claim_idle_s * 1000)
         reply = self.client.xautoclaim(
-            self.stream, self.options.group, self.options.consumer, idle_ms, self._claim_cursor, count=count
+            self.stream, self.options.group, self.options.consumer, idle_ms, "0-0", count=count
         )
-        cursor, claimed = _text(reply[0]), reply[1]
+        claimed = reply[1]
         deleted = reply[2] if len(reply) > 2 else []
-        self._claim_cursor = cursor
         out = [_Entry(_text(eid), (fields or {}).get(BUFFER_FIELD.encode())) for eid, fields in claimed]
         out += [_Entry(_text(eid), None) for eid in deleted]
         return out
+
+    def _deliveries(self, *, consumer: str | None = None, idle_s: float | None = None) -> list[int]:
+        """Delivery counts of the oldest pending entries (of ``consumer``, or idle ``idle_s``);
+        XPENDING reads them without delivering anything again."""
+        kwargs: dict[str, Any] = {"min": "-", "max": "+", "count": self.options.shard_rows}
+        if consumer is not None:
+            kwargs["consumername"] = consumer
+        if idle_s is not None:
+            kwargs["idle"] = int(idle_s * 1000)
+        return [
+            int(p["times_delivered"])
+            for p in self.client.xpending_range(self.stream, self.options.group, **kwargs)
+        ]
+
+    def batch_size(self, deliveries: int) -> int:
+        """Entries to take again after ``deliveries`` attempts: halved on each, down to one, so a batch
+        whose labeller keeps dying completes in smaller pieces, and a poison entry ends up alone."""
+        return max(1, self.options.shard_rows >> max(0, deliveries - 1))
 
     def _new(self, count: int, block_s: float) -> list[_Entry]:
         reply = self.client.xreadgroup(
@@ -284,14 +300,19 @@ class BufferLabeller:
         return _entries(reply)
 
     def next_entries(self, block_s: float | None = None) -> tuple[list[_Entry], int]:
-        """The next batch: own pending first, then claimed, then new entries; and how many were claimed."""
+        """The next batch: own pending first, then claimed, then new entries; and how many were claimed.
+
+        Re-delivered entries come back in batches halved by their delivery count (see
+        :meth:`batch_size`)."""
+        own = self._deliveries(consumer=self.options.consumer)
+        if own:
+            return self._without_poison(self._own_pending(self.batch_size(max(own)))), 0
+        idle = self._deliveries(idle_s=self.options.claim_idle_s)
+        if idle:
+            claimed = self._claim(self.batch_size(max(idle)))
+            if claimed:
+                return self._without_poison(claimed), len(claimed)
         count = self.options.shard_rows
-        entries = self._own_pending(count)
-        if entries:
-            return self._without_poison(entries), 0
-        claimed = self._claim(count)
-        if claimed:
-            return self._without_poison(claimed), len(claimed)
         return self._new(count, self.options.block_s if block_s is None else block_s), 0
 
     def _without_poison(self, entries: list[_Entry]) -> list[_Entry]:

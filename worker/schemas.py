@@ -68,7 +68,9 @@ def _load_object(raw: bytes, record: str) -> dict[str, object]:
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadInput(f"{record}: not valid UTF-8 ({exc.reason} at byte {exc.start})", reason="not_utf8") from exc
+        raise BadInput(
+            f"{record}: not valid UTF-8 ({exc.reason} at byte {exc.start})", reason="not_utf8"
+        ) from exc
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError as exc:  # the C decoder recurses once per nesting level
@@ -76,7 +78,9 @@ def _load_object(raw: bytes, record: str) -> dict[str, object]:
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers past the digit limit
         raise BadInput(f"{record}: not valid JSON ({exc})", reason="not_json") from exc
     if not isinstance(value, dict):
-        raise BadInput(f"{record}: JSON {_json_type(value)} where an object was expected", reason="not_object")
+        raise BadInput(
+            f"{record}: JSON {_json_type(value)} where an object was expected", reason="not_object"
+        )
     return value
 
 
@@ -105,7 +109,9 @@ class _Fields:
             return SCHEMA_VERSION
         value = self._get("schema_version")
         if isinstance(value, bool) or value != SCHEMA_VERSION:
-            raise self.fail("schema_version", f"is {value!r}; this worker reads version {SCHEMA_VERSION}", "unsupported")
+            raise self.fail(
+                "schema_version", f"is {value!r}; this worker reads version {SCHEMA_VERSION}", "unsupported"
+            )
         return SCHEMA_VERSION
 
     def _check_str(self, name: str, value: object, *, max_len: int | None, text: bool) -> str:
@@ -121,7 +127,9 @@ class _Fields:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:  # "\ud800" is valid JSON but not text
-                raise self.fail(name, f"holds an unpaired surrogate at character {exc.start}", "bad_text") from exc
+                raise self.fail(
+                    name, f"holds an unpaired surrogate at character {exc.start}", "bad_text"
+                ) from exc
         return value
 
     def string(self, name: str, *, max_len: int | None = None, text: bool = False) -> str:

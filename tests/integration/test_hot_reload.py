@@ -78,7 +78,6 @@ def test_promoted_models_are_hot_reloaded_and_broken_ones_refused(
             assert {seen[f"c{i}"] for i in range(100)} == {"cnn-hot"}  # still the last good one
             assert worker.metrics()['intent_worker_model_info{version="cnn-hot"}'] == 1
 
-
         later = WorkerProcess(
             kafka=kafka.bootstrap, redis=redis_service.url, run_dir=tmp_path / "run2", group=unique_name,
             prefix=unique_name, student=student, partitions=2, extra=extra,

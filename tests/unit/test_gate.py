@@ -53,3 +53,18 @@ def test_latency_counts_only_beyond_the_budget_and_labels_must_match() -> None:
     relabelled = _report(0.8, 0.7, {"en": 0.2})
     relabelled.labels = ["Yes", "No", "Maybe"]
     assert decide(relabelled, current, golden, Thresholds()).reasons()[0].startswith("labels:")
+
+
+def test_kl_growth_in_a_locale_counts_only_when_it_is_beyond_chance() -> None:
+    golden = _golden(["kk"] * 100)
+    base = np.ones(100)
+    current = _report(0.8, 0.7, {"kk": float(base.mean())})
+    current.kl_rows = base
+    noisy = base + np.tile([1.3, -0.9], 50)  # +0.2 on average (over the tolerance), swamped by noise
+    consistent = base * 1.5 + 0.05  # every row worse
+    for rows, refused in ((noisy, False), (consistent, True)):
+        candidate = _report(0.8, 0.7, {"kk": float(rows.mean())})
+        candidate.kl_rows = rows
+        decision = decide(candidate, current, golden, Thresholds())
+        assert rows.mean() > base.mean() * 1.1 + 0.005
+        assert (not decision.promote) is refused, decision.reasons()
