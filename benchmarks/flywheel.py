@@ -93,7 +93,11 @@ def cli(
 
 
 def label_report(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    report: dict[str, Any] = json.loads(done.stdout)
+    return _with_rates(json.loads(done.stdout))
+
+
+def _with_rates(report: dict[str, Any]) -> dict[str, Any]:
+    """A labelling run's line, plus samples per second and the share of time per stage."""
     span = max(report["finished"] - report["started"], 1e-9)
     report["samples_per_s"] = round(report["entries"] / span, 1)
     total = sum(report["seconds"].values()) or 1.0
@@ -455,10 +459,8 @@ def main() -> int:
                 result["labelling"] = label_report(done)
             else:
                 # Labelled by an earlier run of this script: keep that run's measurements.
-                result["labelling"] = {
-                    **previous.get("labelling", {}),
-                    "reused_from_earlier_run": str(dataset),
-                }
+                runs = json.loads((dataset / "manifest.json").read_text())["runs"]
+                result["labelling"] = {**_with_rates(runs[0]), "reused_from_earlier_run": str(dataset)}
                 client.delete(buffer_key(PREFIX))
             result["dataset"] = json.loads(cli(["dataset", "stats", str(dataset), "--json"], env).stdout)
             print("5. training the candidate and a deliberately worse one", flush=True)
