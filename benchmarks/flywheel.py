@@ -256,7 +256,7 @@ def switch(
     rate: float,
     seconds: float,
 ) -> dict[str, Any]:
-    """Steady traffic; promote ``candidate`` a third of the way in, roll back at two thirds."""
+    """Steady traffic; promote ``candidate`` (gate included) after 10 s, roll back 30 s after that."""
     items = [
         Text(f"switch-{i}", text, locale)
         for i, (text, locale) in enumerate(_switch_texts(int(rate * seconds)))
@@ -269,10 +269,10 @@ def switch(
         target=lambda: result.update(rate=asyncio.run(produce_at_rate(kafka, items, rate)))
     )
     sender.start()
-    time.sleep(seconds / 3)
+    time.sleep(10)
     promote = cli(["promote", str(candidate), "--out", str(work / "gate-candidate.json")], env, check=False)
-    promoted_at = time.time()
-    time.sleep(seconds / 3)
+    promoted_at = time.time()  # the gate measured both models under this traffic, then published
+    time.sleep(30)
     rollback = cli(["rollback"], env, check=False)
     rolled_back_at = time.time()
     sender.join()
@@ -385,7 +385,9 @@ def main() -> int:
         help="generation 0 trains on 10%% of it",
     )
     parser.add_argument("--switch-rate", type=float, default=300.0)
-    parser.add_argument("--switch-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--switch-seconds", type=float, default=150.0, help="long enough to gate, promote, roll back"
+    )
     parser.add_argument(
         "--labeller-only", action="store_true", help="only re-measure the labeller, from the demo's dataset"
     )

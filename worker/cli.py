@@ -507,6 +507,8 @@ def _promote(settings: Settings, args: argparse.Namespace) -> int:
         _say(f"{candidate.version} passes the gate (dry run: not published)")
         return 0
     registry = Registry(settings.registry_dir)
+    if registry.current() is None:  # the first promotion: record what was served, for rollback
+        registry.publish(registry.add(current.directory))
     release = registry.publish(registry.add(candidate.directory, report))
     _say(
         f"promoted {release.version} (was {current.version}); workers reload it within {settings.model_poll_interval_s:g}s"
