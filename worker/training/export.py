@@ -111,11 +111,11 @@ def run_logits(
 
 
 def verify_parity(
-    fp32: Path, int8: Path, tokenizer: Tokenizer, texts: Sequence[str], max_length: int
+    fp32: Path, int8: Path, tokenizer: Tokenizer, texts: Sequence[str], max_length: int, threads: int = 2
 ) -> dict[str, float]:
     """Label agreement and logit error of the INT8 model against the float one."""
-    a = run_logits(fp32, tokenizer, texts, max_length)
-    b = run_logits(int8, tokenizer, texts, max_length)
+    a = run_logits(fp32, tokenizer, texts, max_length, threads)
+    b = run_logits(int8, tokenizer, texts, max_length, threads)
     return {
         "n": len(texts),
         "label_agreement": float((a.argmax(1) == b.argmax(1)).mean()),

@@ -49,6 +49,10 @@ class TrainRequest:
     parity_texts: tuple[str, ...] = ()
     command: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
+    # arch "pruned" only (see worker.training.pruned_pipeline)
+    layers: tuple[int, ...] = ()
+    mode: str = "refit"
+    cosine: bool = False
 
 
 def _labelled_examples(
