@@ -179,6 +179,11 @@ def train_model_dir(
         "command": request.command,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    return publish_model_dir(staging, out, card)
+
+
+def publish_model_dir(staging: Path, out: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Write the card into ``staging``, then put ``staging`` in the place of ``out``."""
     (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

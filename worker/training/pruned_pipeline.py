@@ -41,7 +41,7 @@ from worker.teacher.head import HeadConfig, load_head, save_head, train_head
 from worker.teacher.onnx_graph import HeadWeights
 from worker.training.distil import stream_examples
 from worker.training.export import verify_parity
-from worker.training.pipeline import MIN_INT8_AGREEMENT, TrainRequest
+from worker.training.pipeline import MIN_INT8_AGREEMENT, TrainRequest, publish_model_dir
 from worker.training.pruned import (
     PrunedMode,
     build_graph,
@@ -303,8 +303,4 @@ def train_pruned_model_dir(
         "seconds": round(time.perf_counter() - started, 1),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return card
+    return publish_model_dir(staging, out, card)
