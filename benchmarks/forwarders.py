@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.app import PRODUCER_MAX_BATCH_BYTES, broker_urls
+from worker.app import PRODUCER_MAX_BATCH_BYTES, new_faust_app
 from worker.config import Settings
 from worker.topics import UTTERANCES
 
@@ -84,29 +84,8 @@ def faust_forward(bootstrap: str, sink: str, group: str, run_dir: Path, web_port
 
     settings = Settings()
     run_dir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        group,
-        broker=broker_urls(bootstrap),
-        key_serializer="raw",
-        value_serializer="raw",
-        autodiscover=False,
-        store="memory://",
-        datadir=str(run_dir),
-        broker_session_timeout=settings.broker_session_timeout_s,
-        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
-        broker_commit_interval=settings.commit_interval_s,
-        consumer_auto_offset_reset="earliest",
-        producer_linger=settings.producer_linger_s,
-        producer_max_batch_size=PRODUCER_MAX_BATCH_BYTES,
-        producer_acks=-1,
-        stream_wait_empty=True,
-        topic_disable_leader=True,
-        topic_allow_declare=False,
-        web_enabled=True,  # web_enabled=False does not stop faust's web server: bind it to loopback
-        web_bind="127.0.0.1",
-        web_host="127.0.0.1",
-        web_port=web_port,
-    )
+    # The worker's own app configuration; web_host is loopback by default.
+    app = new_faust_app(settings, group=group, kafka_bootstrap=bootstrap, datadir=run_dir, web_port=web_port)
     topic = app.topic(UTTERANCES, key_serializer="raw", value_serializer="raw")
 
     async def forward(stream: faust.StreamT[bytes]) -> None:

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -156,14 +157,13 @@ def broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
 
 
-def build_worker(
-    settings: Settings, *, kafka_bootstrap: str, redis_url: str, student: Student, web_port: int
-) -> Worker:
-    """The faust app with the classify agent, its pipeline, and the web views."""
-    datadir = settings.run_dir / "faust" / settings.consumer_group
-    datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
-    app = faust.App(
-        settings.consumer_group,
+def new_faust_app(
+    settings: Settings, *, group: str, kafka_bootstrap: str, datadir: Path, web_port: int
+) -> faust.App:
+    """A faust app on raw bytes with the worker's broker, commit and web settings (the Faust
+    ceiling benchmark builds its forwarder with this too, so both run the same configuration)."""
+    return faust.App(
+        group,
         broker=broker_urls(kafka_bootstrap),
         key_serializer="raw",
         value_serializer="raw",
@@ -180,9 +180,24 @@ def build_worker(
         stream_wait_empty=True,  # shutdown and rebalances wait until delivered messages are acked
         topic_disable_leader=True,  # no leader topic: we use no faust tables or timers-on-leader
         topic_allow_declare=False,  # `intent-worker run` creates the topics, with their partition count
-        web_enabled=True,
+        web_enabled=True,  # web_enabled=False does not stop faust's web server: bind it to web_host
         web_bind=settings.web_host,
         web_host=settings.web_host,
+        web_port=web_port,
+    )
+
+
+def build_worker(
+    settings: Settings, *, kafka_bootstrap: str, redis_url: str, student: Student, web_port: int
+) -> Worker:
+    """The faust app with the classify agent, its pipeline, and the web views."""
+    datadir = settings.run_dir / "faust" / settings.consumer_group
+    datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
+    app = new_faust_app(
+        settings,
+        group=settings.consumer_group,
+        kafka_bootstrap=kafka_bootstrap,
+        datadir=datadir,
         web_port=web_port,
     )
     use_fetch_wait(app, settings.consumer_fetch_max_wait_s)
