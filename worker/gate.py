@@ -163,14 +163,9 @@ def _parity(student: Student, golden: GoldenSet, int8_logits: Logits) -> tuple[f
 
 def measure(student: Student, golden: GoldenSet) -> ModelReport:
     """Quality of ``student`` on the golden set (no timing: see :func:`interleaved_latency`)."""
-    if tuple(student.labels) != golden.labels:
-        order = (
-            [student.labels.index(name) for name in golden.labels]
-            if set(student.labels) == set(golden.labels)
-            else None
-        )
-    else:
-        order = list(range(len(golden.labels)))
+    # Outputs name their labels: the same names in another order are aligned to the teacher's.
+    same = set(student.labels) == set(golden.labels)
+    order = [student.labels.index(name) for name in golden.labels] if same else None
     values = chunked_logits(golden.texts, student, rows=64)
     aligned = values[:, order] if order is not None else None
     parity, source = _parity(student, golden, values)
@@ -372,16 +367,11 @@ def golden_from_labelled(
     key = GoldenSet.key(texts, [int(g) for g in gold], teacher.identity)
     path = cache_dir / "golden" / f"{key}.npz"
     logits = GoldenSet.cached_logits(path, len(texts))
-    golden = GoldenSet(
-        list(texts),
-        list(locales),
-        gold,
-        logits if logits is not None else np.zeros((0, len(labels)), np.float32),
-        labels,
-        key,
-    )
+    fresh = logits is None
     if logits is None:
         log.info("golden_labelling", n=len(texts), teacher=teacher.identity)
-        golden = GoldenSet(golden.texts, golden.locales, gold, teacher.logits(list(texts)), labels, key)
+        logits = teacher.logits(list(texts))
+    golden = GoldenSet(list(texts), list(locales), gold, logits, labels, key)
+    if fresh:
         golden.save(path)
     return golden
