@@ -155,6 +155,14 @@ def test_model_directory_loads_and_classifies(tmp_path: Path) -> None:
     assert student.version == "bag-test" and elapsed_ms >= 0
 
 
+def test_one_text_gives_the_logits_of_its_row_in_a_batch(tmp_path: Path) -> None:
+    student = Student(_model_dir(tmp_path))
+    texts = ["set an alarm", "", "   ", "ქართული", "réserve une table pour deux " * 40]
+    batch = student.logits(texts)
+    singles = np.concatenate([student.logits([text]) for text in texts])
+    np.testing.assert_allclose(singles, batch, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("missing", REQUIRED_FILES)
 def test_model_directory_missing_a_file_is_refused(tmp_path: Path, missing: str) -> None:
     directory = _model_dir(tmp_path)
