@@ -25,7 +25,7 @@ from faust.types import TP
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from worker.agents import FaustEmitter, WorkerState, register_classifier
+from worker.agents import BatchEmitter, WorkerState, register_classifier
 from worker.buffer import RedisBufferSink
 from worker.config import Settings
 from worker.errors import ModelError, ServiceError
@@ -210,7 +210,7 @@ def build_worker(
     pipeline = Pipeline(
         partial(classify_chunked, student=student, rows=settings.inference_rows),
         student.version,
-        FaustEmitter(app),
+        BatchEmitter(app, batch_bytes=PRODUCER_MAX_BATCH_BYTES),
         executor,
         sampler=sampler,
         sink=sink,

@@ -71,10 +71,20 @@ class Decoded:
     rejected: list[Rejected]
 
 
-class Emitter(Protocol):
-    """The producer edge: hand one record over; the awaitable resolves on the broker's ack."""
+@dataclass(frozen=True, slots=True)
+class OutputRecord:
+    """One record for the broker: an ``intent.v1`` or a ``dead_letter.v1``."""
 
-    async def send(self, topic: str, key: bytes | None, value: bytes) -> Awaitable[object]: ...
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+class Emitter(Protocol):
+    """The producer edge: hand a batch's records over, in order; the awaitable resolves once the
+    broker has acknowledged every one of them (and fails if any is refused)."""
+
+    async def send_many(self, records: Sequence[OutputRecord]) -> Awaitable[object]: ...
 
 
 #: The model edge: predictions for texts, in order, and the milliseconds it took. It runs on the
@@ -249,21 +259,23 @@ class Pipeline:
 
     async def _emit(self, decoded: Decoded, predictions: Sequence[Prediction], version: str) -> None:
         """Hand every output to the producer, then wait for all the broker's acks at once."""
-        acks: list[Awaitable[object]] = []
         now = time.time()
-        for (record, utterance), prediction in zip(decoded.utterances, predictions, strict=True):
-            intent = Intent(
-                id=utterance.id,
-                label=prediction.label,
-                scores=prediction.scores,
-                model_version=version,
-                locale=utterance.locale,
-                latency_ms=round(max(0.0, time.monotonic() - record.received) * 1000, 3),
-                timestamp=now,
+        outputs = [
+            OutputRecord(
+                INTENTS,
+                utterance.id.encode("utf-8"),
+                Intent(
+                    id=utterance.id,
+                    label=prediction.label,
+                    scores=prediction.scores,
+                    model_version=version,
+                    locale=utterance.locale,
+                    latency_ms=round(max(0.0, time.monotonic() - record.received) * 1000, 3),
+                    timestamp=now,
+                ).to_json_bytes(),
             )
-            acks.append(
-                await self.emitter.send(INTENTS, utterance.id.encode("utf-8"), intent.to_json_bytes())
-            )
+            for (record, utterance), prediction in zip(decoded.utterances, predictions, strict=True)
+        ]
         for rejected in decoded.rejected:
             log.info(
                 "dead_lettered",
@@ -274,11 +286,9 @@ class Pipeline:
                 reason=rejected.reason,
                 error=rejected.letter.error_message[:300],
             )
-            acks.append(
-                await self.emitter.send(DEAD_LETTERS, rejected.record.key, rejected.letter.to_json_bytes())
-            )
-        if acks:
-            await asyncio.gather(*acks)
+            outputs.append(OutputRecord(DEAD_LETTERS, rejected.record.key, rejected.letter.to_json_bytes()))
+        if outputs:
+            await (await self.emitter.send_many(outputs))
 
     def _count(self, decoded: Decoded, predictions: Sequence[Prediction]) -> None:
         now = time.monotonic()

@@ -13,7 +13,7 @@ import pytest
 from worker.buffer import MemoryBufferSink
 from worker.inference import Prediction
 from worker.metrics import WorkerMetrics
-from worker.pipeline import InputRecord, Pipeline, PipelineOptions, decode_batch
+from worker.pipeline import InputRecord, OutputRecord, Pipeline, PipelineOptions, decode_batch
 from worker.sampling import BufferCounters, DropReason, Sampler, SamplingPolicy
 from worker.schemas import BufferSample, DeadLetter, Intent
 from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
@@ -38,8 +38,8 @@ class Emitter:
         self.sent: list[tuple[str, bytes | None, bytes]] = []
         self.acks: list[asyncio.Future[object]] = []
 
-    async def send(self, topic: str, key: bytes | None, value: bytes) -> Awaitable[object]:
-        self.sent.append((topic, key, value))
+    async def send_many(self, records: Sequence[OutputRecord]) -> Awaitable[object]:
+        self.sent += [(r.topic, r.key, r.value) for r in records]
         ack: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self.acks.append(ack)
         return ack
