@@ -4,13 +4,16 @@ Sections (``--only`` picks some; the others are then kept from the existing file
 
 - ``throughput``: 200,000 MASSIVE/Tatoeba texts (cycled, unique ids) pre-produced to
   ``utterances`` on a fresh embedded Tansu broker, then drained, one after the other on the
-  same backlog, by four consumers, each in its own process:
+  same backlog, by five consumers, each in its own process:
 
   - ``raw_forward``: a plain aiokafka consumer forwarding the bytes (the broker's ceiling);
   - ``faust_forward``: a Faust agent of the worker's shape forwarding the bytes (Faust's ceiling);
   - ``worker_null_model``: the real worker serving a student whose graph does no work
     (tokenising, outputs and sampling still happen): the worker's cost besides inference;
-  - ``worker``: ``intent-worker run`` serving the shipped student, 1 inference thread.
+  - ``worker``: ``intent-worker run`` serving the shipped student, 1 inference thread (in the
+    worker's inference child process, the default);
+  - ``worker_inference_thread``: the same with ``INTENT_INFERENCE_PROCESS=false`` (the student
+    on a thread of the worker process, sharing its GIL).
 
   Rates are (n - 1) / (last - first) over the producer timestamps of the n output records,
   so start-up and group joins do not count. Repeated ``--repeats`` times on a fresh broker
@@ -73,7 +76,7 @@ from worker.topics import INTENTS, UTTERANCES
 
 RESULTS = ROOT / "benchmarks" / "results" / "worker.json"
 SECTIONS = ("throughput", "latency", "scaling", "bad_input", "redis_outage", "fresh_start")
-PATHS = ("raw_forward", "faust_forward", "worker_null_model", "worker")
+PATHS = ("raw_forward", "faust_forward", "worker_null_model", "worker", "worker_inference_thread")
 SINKS = {"raw_forward": "forwarded", "faust_forward": "forwarded.faust"}
 TARGET_SHARE = 0.60
 
@@ -113,6 +116,8 @@ def run_path(
     else:
         student = null_dir if path == "worker_null_model" else args.student
         extra = dict(item.split("=", 1) for item in args.set)
+        if path == "worker_inference_thread":
+            extra["INTENT_INFERENCE_PROCESS"] = "false"
         worker = WorkerRun(
             kafka=kafka.bootstrap, redis=redis.url, run_dir=run_dir, group=group, student=student,
             partitions=args.partitions, extra=extra,
@@ -216,6 +221,7 @@ def throughput(args: argparse.Namespace, rows: list[tuple[str, str]], tmp: Path)
         "utterances_per_s_median": rates,
         "worker_vs_raw_forward": round(share, 3),
         "worker_vs_faust_forward": round(rates["worker"] / rates["faust_forward"], 3),
+        "worker_vs_worker_inference_thread": round(rates["worker"] / rates["worker_inference_thread"], 3),
         "faust_forward_vs_raw_forward": round(rates["faust_forward"] / rates["raw_forward"], 3),
         "target_worker_vs_raw_forward": TARGET_SHARE,
         "target_met": share >= TARGET_SHARE,

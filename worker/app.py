@@ -12,6 +12,7 @@ import asyncio
 import math
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -30,9 +31,10 @@ from worker.buffer import RedisBufferSink
 from worker.config import Settings
 from worker.errors import ModelError, ServiceError
 from worker.inference import Student, classify_chunked
+from worker.inference_process import StudentProcess
 from worker.logging import stdlib_logging_config
 from worker.metrics import PartitionLag, WorkerCollector, WorkerMetrics, lag_by_partition
-from worker.pipeline import Pipeline, PipelineOptions
+from worker.pipeline import Classify, Pipeline, PipelineOptions
 from worker.registry import Registry, Release
 from worker.sampling import BufferCounters, Sampler, SamplingPolicy
 from worker.transport import use_fetch_wait
@@ -89,6 +91,7 @@ class ModelWatcher:
             if release is None or release.version == self.pipeline.model_version:
                 return
             student = await asyncio.to_thread(self.load, release)
+            served = await asyncio.to_thread(serve, student, self.settings)
         # Any failure of a reload (a bad file, a half-copied volume, onnxruntime) must leave the
         # worker serving what it has: a crashing timer would take the whole worker down.
         except Exception as exc:
@@ -101,9 +104,7 @@ class ModelWatcher:
                 retry_in_s=RELOAD_RETRY_S,
             )
             return
-        old = self.pipeline.swap(
-            partial(classify_chunked, student=student, rows=self.settings.inference_rows), student.version
-        )
+        old = self.pipeline.swap(*served)
         self.metrics.serving(student.version)
         self.metrics.model_reloads.labels("ok").inc()
         log.info("model_reloaded", old=old, new=student.version, action=release.action)
@@ -118,6 +119,25 @@ class ModelWatcher:
             # Routing services act on label names: a new label set is a new contract, not a reload.
             raise ModelError(f"{release.version} has labels {list(student.labels)}, not {list(self.labels)}")
         return student
+
+
+def serve(student: Student, settings: Settings) -> tuple[Classify, str, Callable[[], None] | None]:
+    """How the pipeline runs ``student``: the classify callable, the version, and how to stop it.
+
+    With ``inference_process`` (the default) the model runs in a child process of its own
+    (:mod:`worker.inference_process`); otherwise on the pipeline's inference thread.
+    """
+    if settings.inference_process:
+        process = StudentProcess(
+            student.directory, threads=settings.inference_threads, rows=settings.inference_rows
+        )
+        if process.version != student.version:
+            process.close()
+            raise ModelError(
+                f"{student.directory} changed while loading: {process.version} != {student.version}"
+            )
+        return process.classify, process.version, process.close
+    return partial(classify_chunked, student=student, rows=settings.inference_rows), student.version, None
 
 
 def initial_student(settings: Settings) -> Student:
@@ -207,9 +227,10 @@ def build_worker(
     sampler = Sampler(SamplingPolicy.from_settings(settings), counters=counters)
     # One thread: inference runs in arrival order, and onnxruntime's own threads do the parallel work.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
+    classify, version, close_model = serve(student, settings)
     pipeline = Pipeline(
-        partial(classify_chunked, student=student, rows=settings.inference_rows),
-        student.version,
+        classify,
+        version,
         BatchEmitter(app, batch_bytes=PRODUCER_MAX_BATCH_BYTES),
         executor,
         sampler=sampler,
@@ -221,6 +242,7 @@ def build_worker(
             max_original_bytes=settings.dlq_max_original_bytes,
             max_pending_writes=settings.buffer_max_pending_writes,
         ),
+        close_model=close_model,
     )
     state = WorkerState()
     metrics.serving(student.version)
@@ -334,6 +356,7 @@ def run_worker(worker: Worker, *, json_logs: bool, log_level: str, loop: asyncio
         code = exc.code
     finally:
         worker.executor.shutdown(wait=True, cancel_futures=True)
+        worker.pipeline.close_model()
     status = 1 if worker.state.failure is not None else code if isinstance(code, int) else 1 if code else 0
     log.info("worker_stopped", exit_code=status, batches=worker.state.batches)
     return status

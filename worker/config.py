@@ -170,6 +170,10 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         default=1, ge=1, description="onnxruntime threads for the student, per worker process."
     )
+    inference_process: bool = Field(
+        default=True,
+        description="Run the student in a child process, so inference never waits on the event loop for the GIL (false: a thread).",
+    )
     inference_rows: int = Field(
         default=32,
         ge=1,

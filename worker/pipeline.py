@@ -98,6 +98,8 @@ class ServedModel:
 
     classify: Classify
     version: str
+    #: Stops what serves it (a child process), once no batch uses it any more.
+    close: Callable[[], None] | None = None
 
 
 def decode_batch(
@@ -153,10 +155,11 @@ class Pipeline:
         sink: BufferSink,
         metrics: WorkerMetrics,
         options: PipelineOptions,
+        close_model: Callable[[], None] | None = None,
     ) -> None:
         #: Swapped whole by :meth:`swap`; a batch takes the one in force when it is submitted, so
         #: it is classified, labelled and sampled by one model even when a new one arrives.
-        self.model = ServedModel(classify, model_version)
+        self.model = ServedModel(classify, model_version, close_model)
         self.emitter = emitter
         self.executor = executor
         self.sampler = sampler
@@ -165,6 +168,7 @@ class Pipeline:
         self.options = options
         self._inflight: deque[asyncio.Task[None]] = deque()
         self._writes: set[asyncio.Task[int]] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
         #: The first failure of a batch; ``on_failure`` hears of it at once (not at the next submit).
         self.failure: BaseException | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
@@ -173,10 +177,27 @@ class Pipeline:
     def model_version(self) -> str:
         return self.model.version
 
-    def swap(self, classify: Classify, version: str) -> str:
-        """Serve a new model from the next batch on; returns the version it replaces."""
-        old, self.model = self.model, ServedModel(classify, version)
+    def swap(self, classify: Classify, version: str, close: Callable[[], None] | None = None) -> str:
+        """Serve a new model from the next batch on; returns the version it replaces.
+
+        The old model is closed once every batch submitted before the swap has finished.
+        """
+        old, self.model = self.model, ServedModel(classify, version, close)
+        if old.close is not None:
+            task = asyncio.create_task(self._retire(old.close, [t for t in self._inflight if not t.done()]))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         return old.version
+
+    async def _retire(self, close: Callable[[], None], users: list[asyncio.Task[None]]) -> None:
+        if users:
+            await asyncio.wait(users)
+        await asyncio.to_thread(close)
+
+    def close_model(self) -> None:
+        """Close the model being served (at the very end: no batch may be submitted after this)."""
+        if self.model.close is not None:
+            self.model.close()
 
     @property
     def inflight(self) -> int:
@@ -229,7 +250,7 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*self._inflight, return_exceptions=True)
         self._inflight.clear()
-        await asyncio.gather(*self._writes, return_exceptions=True)
+        await asyncio.gather(*self._writes, *self._retiring, return_exceptions=True)
 
     async def _process(
         self,

@@ -83,6 +83,18 @@ def _parent_death_hook() -> Callable[[], None] | None:
     return hook
 
 
+def die_with_parent(sig: signal.Signals, parent_pid: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux only).
+
+    For children that are not started through :func:`subprocess.Popen` (a ``multiprocessing``
+    child sets it up itself, first thing). A parent already gone by then means exit now.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _log_tail(path: Path, limit: int = 2000) -> str:
     try:
         with path.open("rb") as handle:

@@ -268,3 +268,26 @@ def test_a_swap_mid_batch_leaves_that_batch_to_the_old_model_and_labels_each_out
         assert [(s.id, s.model_version) for s in sink.samples] == [("u0", "test-model"), ("u1", "new-model")]
 
     asyncio.run(scenario())
+
+
+def test_a_swapped_out_model_is_closed_once_its_last_batch_is_done() -> None:
+    closed: list[str] = []
+
+    async def scenario() -> None:
+        emitter = Emitter()
+        with ThreadPoolExecutor(1) as executor:
+            pipeline = make_pipeline(emitter, executor)
+            pipeline.swap(keyword_classify, "first", close=lambda: closed.append("first"))
+            await pipeline.submit([record(0, utterance(0, "set an alarm"))], lambda: None)
+            pipeline.swap(keyword_classify, "second", close=lambda: closed.append("second"))
+            await settle()
+            assert closed == []  # batch 0, of the first model, waits for its acks
+            emitter.acknowledge()
+            await pipeline.drain()
+            await settle()
+            assert closed == ["first"]
+            await pipeline.close()
+            pipeline.close_model()
+        assert closed == ["first", "second"]
+
+    asyncio.run(scenario())
