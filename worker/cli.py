@@ -157,6 +157,8 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
         seed=args.seed,
         fraction=args.fraction,
         threads=args.threads,
+        patience=args.patience,
+        plateau_factor=args.plateau_factor,
     )
     request = TrainRequest(
         arch=args.arch,
@@ -614,6 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=None, help="default 128 (pruned: 32)")
     train.add_argument("--lr", type=float, default=None, help="default 1e-3 (pruned: 5e-5, encoder)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--patience", type=int, default=3, help="stop after this many epochs without improvement")
+    train.add_argument(
+        "--plateau-factor",
+        type=float,
+        default=1.0,
+        help="multiply the learning rate by this after an epoch without improvement (1: constant)",
+    )
     train.add_argument("--threads", type=int, default=2)
     train.add_argument(
         "--layers", default="0,11", help="pruned: teacher layers to keep, e.g. 0,11 or 0,5,11 or first4"

@@ -17,6 +17,7 @@ from worker.errors import ModelError
 from worker.inference import REQUIRED_FILES, Student, classify
 from worker.teacher.e5format import E5File, default_weights_path
 from worker.teacher.tokenizer import build_tokenizer
+from worker.training.distil import Example, TrainConfig, train_student
 from worker.training.export import export_onnx, quantise_static, run_logits, verify_parity
 from worker.training.students import StudentConfig, build_student, initial_embeddings
 from worker.training.vocab import BYTE_PIECES, FIRST_PIECE_ID, count_pieces, prune
@@ -177,3 +178,18 @@ def test_model_directory_with_wrong_label_count_is_refused(tmp_path: Path) -> No
     with pytest.raises(ModelError, match="outputs 3 logits"):
         Student(directory)
     shutil.rmtree(directory)
+
+
+def test_the_learning_rate_drops_after_each_epoch_without_improvement() -> None:
+    tokenizer, vocab = _pruned()
+    student = StudentConfig(arch="bag", vocab_size=len(vocab), n_labels=3, embedding_dim=8, filters=4)  # type: ignore[arg-type]
+    rows = [Example(text, np.array([1.0, 0.0, -1.0], np.float32), "en") for text in CORPUS]
+    valid = [Example(text, np.array([-50.0, 0.0, 50.0], np.float32), "en") for text in CORPUS]
+    config = TrainConfig(epochs=6, batch_size=4, warmup_epochs=0.0, patience=3, plateau_factor=0.5, threads=1)
+    result = train_student(student, None, tokenizer, lambda: iter(rows), lambda: iter(valid), config)
+    rates = [epoch["learning_rate"] for epoch in result.history]
+    losses = [epoch["valid_loss"] for epoch in result.history]
+    assert rates[0] == config.learning_rate
+    for i in range(1, len(rates)):
+        improved = losses[i - 1] < min(losses[: i - 1], default=float("inf")) - 1e-6
+        assert rates[i] == (rates[i - 1] if improved else rates[i - 1] * 0.5)

@@ -40,6 +40,9 @@ class TrainConfig:
     learning_rate: float = 1e-3
     warmup_epochs: float = 2.0
     patience: int = 3
+    #: After an epoch that does not improve the validation loss, the learning rate is multiplied
+    #: by this (1.0: a constant rate after the warm-up).
+    plateau_factor: float = 1.0
     seed: int = 0
     valid_fraction: float = 0.05
     fraction: float = 1.0
@@ -175,6 +178,7 @@ def train_student(
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     step = 0
+    rate = config.learning_rate
     for epoch in range(1, config.epochs + 1):
         model.train()
         total, count = 0.0, 0
@@ -182,12 +186,12 @@ def train_student(
         for batch in _batches(stream, config.batch_size, rng):
             step += 1
             for group in optimiser.param_groups:
-                group["lr"] = config.learning_rate * min(1.0, step / warmup_steps)
+                group["lr"] = rate * min(1.0, step / warmup_steps)
             loss, n = loss_of(batch, train=True)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * n
+            total += loss.item() * n
             count += n
         model.eval()
         with torch.no_grad():
@@ -202,6 +206,7 @@ def train_student(
                 "epoch": epoch,
                 "train_loss": total / max(count, 1),
                 "valid_loss": valid_loss,
+                "learning_rate": rate,
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
@@ -211,6 +216,7 @@ def train_student(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
+            rate *= config.plateau_factor
             if stale >= config.patience:
                 log.info("early_stop", epoch=epoch, best_epoch=best_epoch)
                 break
