@@ -3,23 +3,24 @@
 In one process, the inference thread and the event loop (faust, decoding, outputs) take turns
 on the GIL: onnxruntime and the tokenizer release it, but every return from them waits until
 the event loop's thread lets go (up to the 5 ms switch interval), and a micro-batch makes
-about twenty such returns. Measured on 2 cores with the shipped CNN, the two threads then sit
-at about 55% each and a worker does ~6,000 utterances/s; with the model in its own process
-the same worker does ~8,000/s (``benchmarks/worker.py``, paths ``worker`` and
-``worker_inference_thread``).
+about twenty such returns. Measured on 2 cores with the shipped CNN, the two threads then sat
+at about 55% each and the worker did 6,275 utterances/s; with the model in its own process the
+same worker does 9,000/s (``benchmarks/worker.py``, paths ``worker_inference_thread`` and
+``worker``).
 
-One child per served model: a fresh interpreter (``python -m worker.inference_process``,
+One child per served model: a fresh interpreter (``python -m worker.inference_process``;
 never a ``fork`` of the threaded worker, nor ``multiprocessing``'s spawn, which re-imports the
-parent's main module) on one end of a socket pair. It loads the model directory, answers ``("ready", version, labels)``, then for each list of
-texts sends their logits, computed in length-sorted chunks of ``rows`` exactly as
-:func:`worker.inference.chunked_logits` does in-process. The parent builds the predictions.
+parent's main module) on one end of a socket pair. It loads the model directory, answers
+``("ready", version, labels)``, then for each list of texts sends their logits, computed in
+length-sorted chunks of ``rows`` exactly as :func:`worker.inference.chunked_logits` does
+in-process. The parent builds the predictions.
 
-Lifetime: the child ignores SIGINT and SIGTERM (a terminal's Ctrl-C or an orchestrator's stop
-reaches the whole process group, but the worker must finish its batches in flight first); it
-stops when the parent closes the pipe or sends ``None``, and the kernel kills it if the parent
-dies (``PR_SET_PDEATHSIG``). A child that dies makes the next call raise :class:`ModelError`,
-which fails the batch: the worker stops and its partitions are redone, as for any inference
-failure.
+Lifetime: the child runs in a session of its own and ignores SIGINT and SIGTERM (a terminal's
+Ctrl-C or an orchestrator's stop of the whole process group must not take the model away
+while the worker finishes its batches in flight); it stops when the parent closes the pipe or
+sends ``None``, and the kernel kills it if the parent dies (``PR_SET_PDEATHSIG``). A child
+that dies makes the next call raise :class:`ModelError`, which fails the batch: the worker
+stops and its partitions are redone, as for any inference failure.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ class StudentProcess:
         ]
         with theirs:
             self._process = subprocess.Popen(  # its stdout and stderr are the worker's
-                [*command, str(theirs.fileno())], stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),)
+                [*command, str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,  # a signal to the worker's process group is not for it
             )
         self._conn = Connection(ours.detach())  # the child's end is closed here: its death is our EOF
         self._lock = threading.Lock()
@@ -105,9 +109,13 @@ class StudentProcess:
         return predictions(self.labels, values), elapsed_ms
 
     def close(self) -> None:
-        """Stop the child (after the call in progress, if any); idempotent."""
-        with contextlib.suppress(OSError, ValueError):
-            self._conn.send(None)
+        """Stop the child (after the call in progress, if any, up to a timeout); idempotent."""
+        if self._lock.acquire(timeout=STOP_TIMEOUT_S):
+            try:
+                with contextlib.suppress(OSError, ValueError):
+                    self._conn.send(None)
+            finally:
+                self._lock.release()
         self._conn.close()
         try:
             self._process.wait(STOP_TIMEOUT_S)
@@ -132,7 +140,7 @@ def serve(conn: Connection, directory: str, threads: int, rows: int) -> None:
     """The child: load the student, then answer requests until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from worker.inference import Student, chunked_logits  # after the signals: imports take a while
+    from worker.inference import Student, chunked_logits
 
     try:
         student = Student(Path(directory), threads=threads)
