@@ -616,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=None, help="default 128 (pruned: 32)")
     train.add_argument("--lr", type=float, default=None, help="default 1e-3 (pruned: 5e-5, encoder)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--patience", type=int, default=3, help="stop after this many epochs without improvement")
+    train.add_argument(
+        "--patience", type=int, default=3, help="stop after this many epochs without improvement"
+    )
     train.add_argument(
         "--plateau-factor",
         type=float,
