@@ -11,225 +11,20 @@ import asyncio
 import contextlib
 import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
-
+from worker import cli_models
+from worker.cli_models import say
 from worker.config import Settings
 from worker.errors import WorkerError
 from worker.logging import configure_logging
 
 if TYPE_CHECKING:
     from worker.client import Outgoing
-
-
-def _teacher_build(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.teacher import load_embedded_teacher
-    from worker.teacher.build import ensure_encoder
-    from worker.teacher.e5format import default_weights_path
-
-    files = ensure_encoder(settings.cache_dir, default_weights_path(), settings.teacher_max_length)
-    print(f"encoder   {files.directory}")
-    if (settings.teacher_dir / "head.npz").exists():
-        teacher = load_embedded_teacher(settings)
-        print(f"teacher   {teacher.identity}  labels={list(teacher.labels)}")
-    return 0
-
-
-def _teacher_fit(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.teacher.fit import fit_head
-
-    card = fit_head(settings, Path(args.out), command=_command_line())
-    print(json.dumps(card["head"], indent=2))
-    return 0
-
-
-def _teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from worker import evaluation
-    from worker.corpus import IntentMapping, load_labelled, shared_mapping
-    from worker.teacher import load_teacher
-
-    mapping = (
-        IntentMapping.from_files(Path(p) for p in args.mapping)
-        if args.mapping
-        else shared_mapping(settings.shared_data_dir)
-    )
-    data = load_labelled([Path(p) for p in args.data], mapping, split=args.split)
-    if args.exclude_ambiguous:
-        data = data.subset([not a for a in data.ambiguous])
-    teacher = load_teacher(settings)
-    chunks = []
-    with tqdm(total=len(data), unit="utt", desc="teacher", disable=args.quiet) as bar:
-        for values in teacher.iter_logits(data.texts, chunk_size=512):
-            chunks.append(values)
-            bar.update(len(values))
-    logits = np.concatenate(chunks) if chunks else np.zeros((0, len(teacher.labels)), np.float32)
-    report = evaluation.evaluate(teacher.labels, logits, data.gold(teacher.labels), data.locales)
-    payload = {
-        "teacher": teacher.identity,
-        "labels": list(teacher.labels),
-        "data": [str(p) for p in args.data],
-        "split": args.split,
-        "exclude_ambiguous": args.exclude_ambiguous,
-        "metrics": evaluation.to_json(report),
-    }
-    if args.out:
-        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(evaluation.to_markdown(report, f"{teacher.identity} on {len(data)} utterances"))
-    return 0
-
-
-def _corpus_build(settings: Settings, args: argparse.Namespace) -> int:
-    """Label the development corpus (or --data files) with the teacher into a dataset."""
-    from tqdm import tqdm
-
-    from worker.corpus import massive_files, require_shared_data
-    from worker.dataset import DatasetWriter
-    from worker.labelling import label_rows, rows_from_files
-    from worker.teacher import load_teacher
-
-    if args.data:
-        paths = [Path(p) for p in args.data]
-    else:
-        shared = require_shared_data(settings.shared_data_dir)
-        paths = [*massive_files(shared), shared / "tatoeba" / "tatoeba.jsonl"]
-    teacher = load_teacher(settings)
-    writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels)
-    rows = list(rows_from_files(paths, split=args.split, with_translations=not args.no_translations))
-    if args.augment:
-        from worker.augment import augment
-
-        donors: dict[str, list[str]] = {}
-        for row in rows:
-            donors.setdefault(row.locale, []).append(row.text)
-        rows = list(augment(rows, donors, per_row=args.augment, seed=0))
-    with tqdm(total=len(rows), unit="utt", desc="labelling", disable=args.quiet) as bar:
-        n = label_rows(teacher, rows, writer, progress=bar.update)
-    print(f"{n} rows in {args.out} (dataset version {writer.manifest['dataset_version']})")
-    return 0
-
-
-def _train(settings: Settings, args: argparse.Namespace) -> int:
-    from tokenizers import Tokenizer
-
-    from worker.corpus import (
-        load_labelled,
-        massive_files,
-        require_shared_data,
-        shared_mapping,
-        xsid_files,
-    )
-    from worker.teacher.build import ensure_encoder
-    from worker.teacher.e5format import E5File, default_weights_path
-    from worker.teacher.runtime import read_labels
-    from worker.training.distil import TrainConfig
-    from worker.training.pipeline import TrainRequest, train_model_dir
-
-    e5_path = default_weights_path()
-    files = ensure_encoder(settings.cache_dir, e5_path, settings.teacher_max_length)
-    teacher_tokenizer = Tokenizer.from_file(str(files.tokenizer))
-    parity: list[str] = []
-    labelled = None
-    labels: tuple[str, ...] = ()
-    if settings.shared_data_dir.is_dir():
-        shared = require_shared_data(settings.shared_data_dir)
-        mapping = shared_mapping(shared)
-        for group in (massive_files(shared), xsid_files(shared)):
-            parity += load_labelled(group, mapping, split="validation").texts
-        if args.supervised:
-            labelled = load_labelled(massive_files(shared), mapping, split="train")
-            labels = read_labels(settings.teacher_dir / "labels.json")
-    elif args.supervised:
-        raise WorkerError("--supervised trains on the shared labelled data, which is missing")
-    pruned = args.arch == "pruned"
-    config = TrainConfig(
-        # A pruned transformer is fine-tuned, not trained from scratch: fewer epochs, a small rate.
-        epochs=args.epochs if args.epochs is not None else (1 if pruned else 50),
-        batch_size=args.batch_size if args.batch_size is not None else (32 if pruned else 128),
-        learning_rate=args.lr if args.lr is not None else (5e-5 if pruned else 1e-3),
-        seed=args.seed,
-        fraction=args.fraction,
-        threads=args.threads,
-        patience=args.patience,
-        plateau_factor=args.plateau_factor,
-    )
-    request = TrainRequest(
-        arch=args.arch,
-        out=Path(args.out),
-        datasets=tuple(Path(d) for d in args.data or ()),
-        labelled=labelled,
-        labels=labels,
-        filters=args.filters,
-        kernel_sizes=tuple(int(k) for k in args.kernels.split(",")),
-        embedding_dim=args.embedding_dim,
-        min_count=args.min_count,
-        parity_texts=tuple(parity),
-        command=_command_line(),
-        train=config,
-        layers=_pruned_layers(args.layers) if pruned else (),
-        mode=args.mode,
-        cosine=args.cosine,
-    )
-    if not request.datasets and labelled is None:
-        raise WorkerError("train needs --data DATASET_DIR (or --supervised)")
-    if pruned:
-        return _train_pruned(settings, args, request, teacher_tokenizer, E5File(e5_path), files.key)
-    card = train_model_dir(
-        request, teacher_tokenizer, E5File(e5_path), teacher_id=f"e5-small@{files.key[:8]}"
-    )
-    print(json.dumps({k: card[k] for k in ("version", "int8", "sizes_bytes")}, indent=2))
-    return 0
-
-
-def _pruned_layers(spec: str) -> tuple[int, ...]:
-    from worker.training.pruned import parse_layers
-
-    try:
-        return parse_layers(spec, n_layers=12)
-    except ValueError as exc:
-        raise WorkerError(f"--layers {spec!r}: {exc}") from exc
-
-
-def _train_pruned(
-    settings: Settings, args: argparse.Namespace, request: Any, teacher_tokenizer: Any, e5: Any, key: str
-) -> int:
-    """The pruned-transformer student: its head is refit on the teacher head's own training rows."""
-    from worker.corpus import load_labelled, massive_files, require_shared_data, shared_mapping
-    from worker.teacher import E5_PREFIX, load_embedded_encoder
-    from worker.training.pruned_pipeline import HeadRecipe, PrunedInputs, train_pruned_model_dir
-
-    shared = require_shared_data(settings.shared_data_dir)
-    mapping = shared_mapping(shared)
-    teacher_card = json.loads((settings.teacher_dir / "card.json").read_text())
-    teacher_embeddings: Any = None
-    if args.cosine:
-        from worker.teacher.fit import embed_cached
-
-        encoder = load_embedded_encoder(settings.model_copy(update={"teacher_threads": args.threads}))
-        tag = f"{encoder.model_path}:{encoder.max_length}"
-
-        def embed(texts: Sequence[str]) -> Any:
-            return embed_cached(encoder, list(texts), settings.cache_dir, tag)
-
-        teacher_embeddings = embed
-    inputs = PrunedInputs(
-        head_data=load_labelled(massive_files(shared), mapping, split="train"),
-        intent_labels={intent: label for intent, (label, _) in mapping.entries.items()},
-        recipe=HeadRecipe.from_card(teacher_card),
-        prefix=E5_PREFIX,
-        teacher_embeddings=teacher_embeddings,
-        head_cache=settings.cache_dir / "pruned-heads",
-    )
-    card = train_pruned_model_dir(request, inputs, teacher_tokenizer, e5, teacher_id=f"e5-small@{key[:8]}")
-    print(json.dumps({k: card[k] for k in ("version", "int8", "sizes_bytes")}, indent=2))
-    return 0
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -263,17 +58,15 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             )
             state_path = state.write(settings.run_dir)
             for service in services.embedded:
-                _say(f"{service.name:<7} {service.address}  (embedded; log {service.log_path})")
+                say(f"{service.name:<7} {service.address}  (embedded; log {service.log_path})")
             if not services.embedded:
-                _say(
+                say(
                     f"kafka   {services.kafka_bootstrap}, redis {redact_url(services.redis_url)} (configured)"
                 )
-            _say(
-                f"worker  group {settings.consumer_group!r}, student {student.version} ({student.directory})"
-            )
-            _say(f"web     {worker.web_url}/metrics  {worker.web_url}/health")
-            _say(f"logs    worker: this terminal (stderr); addresses for send/tail/replay: {state_path}")
-            _say('try     intent-worker send "set an alarm for 7am" --locale en   and   intent-worker tail')
+            say(f"worker  group {settings.consumer_group!r}, student {student.version} ({student.directory})")
+            say(f"web     {worker.web_url}/metrics  {worker.web_url}/health")
+            say(f"logs    worker: this terminal (stderr); addresses for send/tail/replay: {state_path}")
+            say('try     intent-worker send "set an alarm for 7am" --locale en   and   intent-worker tail')
             try:
                 return run_worker(worker, json_logs=args.log_json, log_level=args.log_level, loop=loop)
             finally:
@@ -281,10 +74,6 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         if not loop.is_closed():
             loop.close()
-
-
-def _say(line: str) -> None:
-    print(f"intent-worker: {line}", file=sys.stderr, flush=True)
 
 
 def _input_lines(args: argparse.Namespace) -> list[str]:
@@ -306,7 +95,7 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
     sent = asyncio.run(send_all(bootstrap, messages))
     for message in messages:
         print(message.key.decode("utf-8"))
-    _say(f"sent {sent} utterance(s) to {bootstrap}")
+    say(f"sent {sent} utterance(s) to {bootstrap}")
     return 0
 
 
@@ -330,9 +119,7 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     sent = asyncio.run(send_all(bootstrap, messages(), rate=args.rate))
     elapsed = time.perf_counter() - started
-    _say(
-        f"replayed {sent} utterance(s) in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s) to {bootstrap}"
-    )
+    say(f"replayed {sent} utterance(s) in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s) to {bootstrap}")
     return 0
 
 
@@ -347,7 +134,7 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
         print(raw.decode("utf-8") if args.json else describe(intent, text), flush=True)
 
     if not args.quiet:
-        _say(f"labels from {bootstrap} (id, label, top score, locale, model, text); Ctrl-C stops")
+        say(f"labels from {bootstrap} (id, label, top score, locale, model, text); Ctrl-C stops")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a person stops tail
         asyncio.run(
             follow_intents(
@@ -376,9 +163,10 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
     import redis
     from prometheus_client import start_http_server
 
-    from worker.dataset import DatasetWriter, Store
+    from worker.dataset import DatasetWriter
     from worker.labelling import BufferLabeller, LabellerMetrics, LabellerOptions
     from worker.services import find_redis
+    from worker.store import Store
     from worker.teacher import load_teacher
 
     url = find_redis(settings)
@@ -400,7 +188,7 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         start_http_server(args.metrics_port, addr=settings.web_host, registry=metrics.registry)
     labeller = BufferLabeller(client, teacher, writer, options, metrics)
-    _say(f"labelling {url} stream of {settings.redis_key_prefix!r} into {location} as {options.consumer}")
+    say(f"labelling {url} stream of {settings.redis_key_prefix!r} into {location} as {options.consumer}")
     if args.once:
         report = labeller.run_once(max_entries=args.max_entries)
         print(json.dumps(report.to_manifest(), indent=2))
@@ -417,141 +205,6 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _dataset_stats(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dataset import stats
-
-    report = stats(args.dataset)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"dataset   {report['location']} (version {report['dataset_version']})")
-    print(f"teacher   {report['teacher']['id']}")
-    print(f"rows      {report['rows']} in {report['shards']} shard(s); orphans {len(report['orphans'])}")
-    if report["time_range"]:
-        lo, hi = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in report["time_range"])
-        print(f"sampled   {lo} .. {hi} UTC")
-    labels = list(report["teacher"]["labels"])
-    print("\n| locale | " + " | ".join(labels) + " | all |\n|---|" + "---|" * (len(labels) + 1))
-    for locale, counts in report["per_locale"].items():
-        cells = [str(counts.get(label, 0)) for label in labels]
-        print(f"| {locale} | " + " | ".join(cells) + f" | {sum(counts.values())} |")
-    for run in report["runs"]:
-        overall = run.get("disagreement", {}).get("*", {})
-        print(
-            f"run {run['run']}: {run['rows']} rows, student/teacher disagreement {overall.get('rate', 0):.1%}"
-        )
-    return 0
-
-
-def _dataset_compact(settings: Settings, args: argparse.Namespace) -> int:
-    import redis
-
-    from worker.dataset import Store, compact
-    from worker.errors import ServiceError
-    from worker.labelling import BufferLabeller
-    from worker.services import find_redis
-
-    lock = None
-    try:  # the labellers' lock too, where they run: it is what guards a dataset on an object store
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
-        client = redis.Redis.from_url(find_redis(settings), password=password, socket_timeout=30)
-        client.ping()
-        lock = BufferLabeller.redis_lock(client, settings.redis_key_prefix, Store(args.dataset).canonical)
-    except (ServiceError, redis.RedisError) as exc:
-        _say(f"no Redis ({exc}): compacting under the local lock only")
-    print(json.dumps(compact(args.dataset, target_rows=args.target_rows, lock=lock), indent=2))
-    return 0
-
-
-def _promote(settings: Settings, args: argparse.Namespace) -> int:
-    """The gate, then (if it passes) publication in the registry; exit 3 when refused."""
-    from worker.app import initial_student
-    from worker.corpus import load_labelled, massive_files, require_shared_data, shared_mapping, xsid_files
-    from worker.gate import Thresholds, evaluate_candidate, golden_from_labelled
-    from worker.inference import Student
-    from worker.registry import Registry
-    from worker.teacher import load_teacher
-
-    candidate = Student(Path(args.model_dir))
-    current = initial_student(settings)
-    shared = require_shared_data(settings.shared_data_dir)
-    mapping = shared_mapping(shared)
-    paths = [Path(p) for p in args.golden] if args.golden else [*massive_files(shared), *xsid_files(shared)]
-    data = load_labelled(paths, mapping, split=args.golden_split)
-    teacher = load_teacher(settings)
-    golden = golden_from_labelled(
-        data.texts, data.locales, data.gold(teacher.labels), teacher, settings.cache_dir
-    )
-    thresholds = Thresholds(
-        max_agreement_drop=args.max_agreement_drop,
-        max_f1_drop=args.max_f1_drop,
-        max_kl_growth=args.max_kl_growth,
-        min_int8_parity=args.min_int8_parity,
-        max_latency_ratio=args.max_latency_ratio,
-        latency_budget_ms=args.latency_budget_ms,
-        languages=None
-        if args.all_locales
-        else frozenset(x.strip().lower() for x in settings.served_languages.split(",") if x.strip()),
-    )
-    decision = evaluate_candidate(candidate, current, golden, thresholds)
-    report = decision.to_json()
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    for check in decision.checks:
-        mark = "ok  " if check.passed else "FAIL"
-        print(
-            f"{mark} {check.name:<14} candidate {_fmt(check.candidate)}  current {_fmt(check.current)}  limit {_fmt(check.limit)}"
-        )
-    if not decision.promote:
-        _say(f"refused {candidate.version}: " + "; ".join(decision.reasons()))
-        return 3
-    if args.dry_run:
-        _say(f"{candidate.version} passes the gate (dry run: not published)")
-        return 0
-    registry = Registry(settings.registry_dir)
-    if registry.current() is None:  # the first promotion: record what was served, for rollback
-        registry.publish(registry.add(current.directory))
-    release = registry.publish(registry.add(candidate.directory, report))
-    _say(
-        f"promoted {release.version} (was {current.version}); workers reload it within {settings.model_poll_interval_s:g}s"
-    )
-    return 0
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _rollback(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.registry import Registry
-
-    old, new = Registry(settings.registry_dir).rollback()
-    _say(
-        f"rolled back from {old.version} to {new.version}; workers reload it within {settings.model_poll_interval_s:g}s"
-    )
-    return 0
-
-
-def _models(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.registry import Registry
-
-    registry = Registry(settings.registry_dir)
-    current = registry.current()
-    if current is None:
-        print(f"no promoted model in {settings.registry_dir}: workers serve {settings.student_dir}")
-        return 0
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(current.promoted_at))
-    print(f"current   {current.version}  ({current.action} {stamp} UTC)")
-    for release in reversed(registry.history()):
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(release.promoted_at))
-        print(f"previous  {release.version}  ({release.action} {stamp} UTC)")
-    return 0
-
-
-def _command_line() -> str:
-    return "intent-worker " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="intent-worker", description=__doc__)
     parser.add_argument("--log-json", action="store_true", help="JSON log lines (production)")
@@ -562,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="teacher_command", required=True
     )
     build = teacher.add_parser("build", help="build (or verify) the cached teacher files")
-    build.set_defaults(handler=_teacher_build)
+    build.set_defaults(handler=cli_models.teacher_build)
     fit = teacher.add_parser("fit", help="train the teacher head on the shared labelled data")
     fit.add_argument("--out", default="models/teacher", help="directory for head, labels and card")
-    fit.set_defaults(handler=_teacher_fit)
+    fit.set_defaults(handler=cli_models.teacher_fit)
     ev = teacher.add_parser("eval", help="accuracy and macro-F1 of the teacher on labelled JSONL")
     ev.add_argument("--data", nargs="+", required=True, help="JSONL files with text, locale, intent|label")
     ev.add_argument("--split", default=None, help="only rows with this split (e.g. validation)")
@@ -573,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--exclude-ambiguous", action="store_true", help="drop intents marked ambiguous")
     ev.add_argument("--out", help="write the JSON report here")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    ev.set_defaults(handler=_teacher_eval)
+    ev.set_defaults(handler=cli_models.teacher_eval)
     corpus = commands.add_parser("corpus", help="distillation corpora").add_subparsers(
         dest="corpus_command", required=True
     )
@@ -592,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write K augmented variants per row (case/punctuation, code-switching) instead of the rows",
     )
     cb.add_argument("--quiet", action="store_true")
-    cb.set_defaults(handler=_corpus_build)
+    cb.set_defaults(handler=cli_models.corpus_build)
 
     train = commands.add_parser(
         "train", help="distil a student (cnn, bag or pruned transformer) into a model directory"
@@ -638,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--cosine", action="store_true", help="pruned distil: add MSE + cosine on the sentence embedding"
     )
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=cli_models.train)
 
     run = commands.add_parser(
         "run",
@@ -703,11 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds_stats = dataset.add_parser("stats", help="rows, shards, locale x label counts, drift of recent runs")
     ds_stats.add_argument("dataset", help="dataset directory or fsspec URL")
     ds_stats.add_argument("--json", action="store_true")
-    ds_stats.set_defaults(handler=_dataset_stats, timing=False)
+    ds_stats.set_defaults(handler=cli_models.dataset_stats, timing=False)
     ds_compact = dataset.add_parser("compact", help="merge small shards; remove old orphan files")
     ds_compact.add_argument("dataset", help="dataset directory or fsspec URL")
     ds_compact.add_argument("--target-rows", type=int, default=100_000, help="rows per merged shard")
-    ds_compact.set_defaults(handler=_dataset_compact)
+    ds_compact.set_defaults(handler=cli_models.dataset_compact)
 
     promote = commands.add_parser(
         "promote", help="gate a candidate against the served model; publish it to the workers if not worse"
@@ -728,11 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument(
         "--latency-budget-ms", type=float, default=None, help="accept any p50 within this budget"
     )
-    promote.set_defaults(handler=_promote)
+    promote.set_defaults(handler=cli_models.promote)
     rollback = commands.add_parser("rollback", help="serve the previously promoted model again")
-    rollback.set_defaults(handler=_rollback, timing=False)
+    rollback.set_defaults(handler=cli_models.rollback, timing=False)
     models = commands.add_parser("models", help="the promoted model the workers serve, and the ones before")
-    models.set_defaults(handler=_models, timing=False)
+    models.set_defaults(handler=cli_models.models, timing=False)
     return parser
 
 

@@ -1,0 +1,365 @@
+"""The model-side commands of ``intent-worker``: teacher, corpus, train, dataset, promote.
+
+:mod:`worker.cli` parses the command line and dispatches here; heavy imports stay inside each
+command, so ``intent-worker send`` never loads torch or the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.config import Settings
+from worker.errors import WorkerError
+
+
+def say(line: str) -> None:
+    print(f"intent-worker: {line}", file=sys.stderr, flush=True)
+
+
+def teacher_build(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.teacher import load_embedded_teacher
+    from worker.teacher.build import ensure_encoder
+    from worker.teacher.e5format import default_weights_path
+
+    files = ensure_encoder(settings.cache_dir, default_weights_path(), settings.teacher_max_length)
+    print(f"encoder   {files.directory}")
+    if (settings.teacher_dir / "head.npz").exists():
+        teacher = load_embedded_teacher(settings)
+        print(f"teacher   {teacher.identity}  labels={list(teacher.labels)}")
+    return 0
+
+
+def teacher_fit(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.teacher.fit import fit_head
+
+    card = fit_head(settings, Path(args.out), command=command_line())
+    print(json.dumps(card["head"], indent=2))
+    return 0
+
+
+def teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from worker import evaluation
+    from worker.corpus import IntentMapping, load_labelled, shared_mapping
+    from worker.teacher import load_teacher
+
+    mapping = (
+        IntentMapping.from_files(Path(p) for p in args.mapping)
+        if args.mapping
+        else shared_mapping(settings.shared_data_dir)
+    )
+    data = load_labelled([Path(p) for p in args.data], mapping, split=args.split)
+    if args.exclude_ambiguous:
+        data = data.subset([not a for a in data.ambiguous])
+    teacher = load_teacher(settings)
+    chunks = []
+    with tqdm(total=len(data), unit="utt", desc="teacher", disable=args.quiet) as bar:
+        for values in teacher.iter_logits(data.texts, chunk_size=512):
+            chunks.append(values)
+            bar.update(len(values))
+    logits = np.concatenate(chunks) if chunks else np.zeros((0, len(teacher.labels)), np.float32)
+    report = evaluation.evaluate(teacher.labels, logits, data.gold(teacher.labels), data.locales)
+    payload = {
+        "teacher": teacher.identity,
+        "labels": list(teacher.labels),
+        "data": [str(p) for p in args.data],
+        "split": args.split,
+        "exclude_ambiguous": args.exclude_ambiguous,
+        "metrics": evaluation.to_json(report),
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(evaluation.to_markdown(report, f"{teacher.identity} on {len(data)} utterances"))
+    return 0
+
+
+def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
+    """Label the development corpus (or --data files) with the teacher into a dataset."""
+    from tqdm import tqdm
+
+    from worker.corpus import massive_files, require_shared_data
+    from worker.dataset import DatasetWriter
+    from worker.labelling import label_rows, rows_from_files
+    from worker.teacher import load_teacher
+
+    if args.data:
+        paths = [Path(p) for p in args.data]
+    else:
+        shared = require_shared_data(settings.shared_data_dir)
+        paths = [*massive_files(shared), shared / "tatoeba" / "tatoeba.jsonl"]
+    teacher = load_teacher(settings)
+    writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels)
+    rows = list(rows_from_files(paths, split=args.split, with_translations=not args.no_translations))
+    if args.augment:
+        from worker.augment import augment
+
+        donors: dict[str, list[str]] = {}
+        for row in rows:
+            donors.setdefault(row.locale, []).append(row.text)
+        rows = list(augment(rows, donors, per_row=args.augment, seed=0))
+    with tqdm(total=len(rows), unit="utt", desc="labelling", disable=args.quiet) as bar:
+        n = label_rows(teacher, rows, writer, progress=bar.update)
+    print(f"{n} rows in {args.out} (dataset version {writer.manifest['dataset_version']})")
+    return 0
+
+
+def train(settings: Settings, args: argparse.Namespace) -> int:
+    from tokenizers import Tokenizer
+
+    from worker.corpus import (
+        load_labelled,
+        massive_files,
+        require_shared_data,
+        shared_mapping,
+        xsid_files,
+    )
+    from worker.teacher.build import ensure_encoder
+    from worker.teacher.e5format import E5File, default_weights_path
+    from worker.teacher.runtime import read_labels
+    from worker.training.distil import TrainConfig
+    from worker.training.pipeline import TrainRequest, train_model_dir
+
+    e5_path = default_weights_path()
+    files = ensure_encoder(settings.cache_dir, e5_path, settings.teacher_max_length)
+    teacher_tokenizer = Tokenizer.from_file(str(files.tokenizer))
+    parity: list[str] = []
+    labelled = None
+    labels: tuple[str, ...] = ()
+    if settings.shared_data_dir.is_dir():
+        shared = require_shared_data(settings.shared_data_dir)
+        mapping = shared_mapping(shared)
+        for group in (massive_files(shared), xsid_files(shared)):
+            parity += load_labelled(group, mapping, split="validation").texts
+        if args.supervised:
+            labelled = load_labelled(massive_files(shared), mapping, split="train")
+            labels = read_labels(settings.teacher_dir / "labels.json")
+    elif args.supervised:
+        raise WorkerError("--supervised trains on the shared labelled data, which is missing")
+    pruned = args.arch == "pruned"
+    config = TrainConfig(
+        # A pruned transformer is fine-tuned, not trained from scratch: fewer epochs, a small rate.
+        epochs=args.epochs if args.epochs is not None else (1 if pruned else 50),
+        batch_size=args.batch_size if args.batch_size is not None else (32 if pruned else 128),
+        learning_rate=args.lr if args.lr is not None else (5e-5 if pruned else 1e-3),
+        seed=args.seed,
+        fraction=args.fraction,
+        threads=args.threads,
+        patience=args.patience,
+        plateau_factor=args.plateau_factor,
+    )
+    request = TrainRequest(
+        arch=args.arch,
+        out=Path(args.out),
+        datasets=tuple(Path(d) for d in args.data or ()),
+        labelled=labelled,
+        labels=labels,
+        filters=args.filters,
+        kernel_sizes=tuple(int(k) for k in args.kernels.split(",")),
+        embedding_dim=args.embedding_dim,
+        min_count=args.min_count,
+        parity_texts=tuple(parity),
+        command=command_line(),
+        train=config,
+        layers=_pruned_layers(args.layers) if pruned else (),
+        mode=args.mode,
+        cosine=args.cosine,
+    )
+    if not request.datasets and labelled is None:
+        raise WorkerError("train needs --data DATASET_DIR (or --supervised)")
+    if pruned:
+        return _train_pruned(settings, args, request, teacher_tokenizer, E5File(e5_path), files.key)
+    card = train_model_dir(
+        request, teacher_tokenizer, E5File(e5_path), teacher_id=f"e5-small@{files.key[:8]}"
+    )
+    print(json.dumps({k: card[k] for k in ("version", "int8", "sizes_bytes")}, indent=2))
+    return 0
+
+
+def _pruned_layers(spec: str) -> tuple[int, ...]:
+    from worker.training.pruned import parse_layers
+
+    try:
+        return parse_layers(spec, n_layers=12)
+    except ValueError as exc:
+        raise WorkerError(f"--layers {spec!r}: {exc}") from exc
+
+
+def _train_pruned(
+    settings: Settings, args: argparse.Namespace, request: Any, teacher_tokenizer: Any, e5: Any, key: str
+) -> int:
+    """The pruned-transformer student: its head is refit on the teacher head's own training rows."""
+    from worker.corpus import load_labelled, massive_files, require_shared_data, shared_mapping
+    from worker.teacher import E5_PREFIX, load_embedded_encoder
+    from worker.training.pruned_pipeline import HeadRecipe, PrunedInputs, train_pruned_model_dir
+
+    shared = require_shared_data(settings.shared_data_dir)
+    mapping = shared_mapping(shared)
+    teacher_card = json.loads((settings.teacher_dir / "card.json").read_text())
+    teacher_embeddings: Any = None
+    if args.cosine:
+        from worker.teacher.fit import embed_cached
+
+        encoder = load_embedded_encoder(settings.model_copy(update={"teacher_threads": args.threads}))
+        tag = f"{encoder.model_path}:{encoder.max_length}"
+
+        def embed(texts: Sequence[str]) -> Any:
+            return embed_cached(encoder, list(texts), settings.cache_dir, tag)
+
+        teacher_embeddings = embed
+    inputs = PrunedInputs(
+        head_data=load_labelled(massive_files(shared), mapping, split="train"),
+        intent_labels={intent: label for intent, (label, _) in mapping.entries.items()},
+        recipe=HeadRecipe.from_card(teacher_card),
+        prefix=E5_PREFIX,
+        teacher_embeddings=teacher_embeddings,
+        head_cache=settings.cache_dir / "pruned-heads",
+    )
+    card = train_pruned_model_dir(request, inputs, teacher_tokenizer, e5, teacher_id=f"e5-small@{key[:8]}")
+    print(json.dumps({k: card[k] for k in ("version", "int8", "sizes_bytes")}, indent=2))
+    return 0
+
+
+def dataset_stats(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.dataset import stats
+
+    report = stats(args.dataset)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"dataset   {report['location']} (version {report['dataset_version']})")
+    print(f"teacher   {report['teacher']['id']}")
+    print(f"rows      {report['rows']} in {report['shards']} shard(s); orphans {len(report['orphans'])}")
+    if report["time_range"]:
+        lo, hi = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in report["time_range"])
+        print(f"sampled   {lo} .. {hi} UTC")
+    labels = list(report["teacher"]["labels"])
+    print("\n| locale | " + " | ".join(labels) + " | all |\n|---|" + "---|" * (len(labels) + 1))
+    for locale, counts in report["per_locale"].items():
+        cells = [str(counts.get(label, 0)) for label in labels]
+        print(f"| {locale} | " + " | ".join(cells) + f" | {sum(counts.values())} |")
+    for run in report["runs"]:
+        overall = run.get("disagreement", {}).get("*", {})
+        print(
+            f"run {run['run']}: {run['rows']} rows, student/teacher disagreement {overall.get('rate', 0):.1%}"
+        )
+    return 0
+
+
+def dataset_compact(settings: Settings, args: argparse.Namespace) -> int:
+    import redis
+
+    from worker.dataset import compact
+    from worker.errors import ServiceError
+    from worker.labelling import BufferLabeller
+    from worker.services import find_redis
+    from worker.store import Store
+
+    lock = None
+    try:  # the labellers' lock too, where they run: it is what guards a dataset on an object store
+        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        client = redis.Redis.from_url(find_redis(settings), password=password, socket_timeout=30)
+        client.ping()
+        lock = BufferLabeller.redis_lock(client, settings.redis_key_prefix, Store(args.dataset).canonical)
+    except (ServiceError, redis.RedisError) as exc:
+        say(f"no Redis ({exc}): compacting under the local lock only")
+    print(json.dumps(compact(args.dataset, target_rows=args.target_rows, lock=lock), indent=2))
+    return 0
+
+
+def promote(settings: Settings, args: argparse.Namespace) -> int:
+    """The gate, then (if it passes) publication in the registry; exit 3 when refused."""
+    from worker.app import initial_student
+    from worker.corpus import load_labelled, massive_files, require_shared_data, shared_mapping, xsid_files
+    from worker.gate import Thresholds, evaluate_candidate, golden_from_labelled
+    from worker.inference import Student
+    from worker.registry import Registry
+    from worker.teacher import load_teacher
+
+    candidate = Student(Path(args.model_dir))
+    current = initial_student(settings)
+    shared = require_shared_data(settings.shared_data_dir)
+    mapping = shared_mapping(shared)
+    paths = [Path(p) for p in args.golden] if args.golden else [*massive_files(shared), *xsid_files(shared)]
+    data = load_labelled(paths, mapping, split=args.golden_split)
+    teacher = load_teacher(settings)
+    golden = golden_from_labelled(
+        data.texts, data.locales, data.gold(teacher.labels), teacher, settings.cache_dir
+    )
+    thresholds = Thresholds(
+        max_agreement_drop=args.max_agreement_drop,
+        max_f1_drop=args.max_f1_drop,
+        max_kl_growth=args.max_kl_growth,
+        min_int8_parity=args.min_int8_parity,
+        max_latency_ratio=args.max_latency_ratio,
+        latency_budget_ms=args.latency_budget_ms,
+        languages=None
+        if args.all_locales
+        else frozenset(x.strip().lower() for x in settings.served_languages.split(",") if x.strip()),
+    )
+    decision = evaluate_candidate(candidate, current, golden, thresholds)
+    report = decision.to_json()
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for check in decision.checks:
+        mark = "ok  " if check.passed else "FAIL"
+        print(
+            f"{mark} {check.name:<14} candidate {_fmt(check.candidate)}  current {_fmt(check.current)}  limit {_fmt(check.limit)}"
+        )
+    if not decision.promote:
+        say(f"refused {candidate.version}: " + "; ".join(decision.reasons()))
+        return 3
+    if args.dry_run:
+        say(f"{candidate.version} passes the gate (dry run: not published)")
+        return 0
+    registry = Registry(settings.registry_dir)
+    if registry.current() is None:  # the first promotion: record what was served, for rollback
+        registry.publish(registry.add(current.directory))
+    release = registry.publish(registry.add(candidate.directory, report))
+    say(
+        f"promoted {release.version} (was {current.version}); workers reload it within {settings.model_poll_interval_s:g}s"
+    )
+    return 0
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def rollback(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.registry import Registry
+
+    old, new = Registry(settings.registry_dir).rollback()
+    say(
+        f"rolled back from {old.version} to {new.version}; workers reload it within {settings.model_poll_interval_s:g}s"
+    )
+    return 0
+
+
+def models(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.registry import Registry
+
+    registry = Registry(settings.registry_dir)
+    current = registry.current()
+    if current is None:
+        print(f"no promoted model in {settings.registry_dir}: workers serve {settings.student_dir}")
+        return 0
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(current.promoted_at))
+    print(f"current   {current.version}  ({current.action} {stamp} UTC)")
+    for release in reversed(registry.history()):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(release.promoted_at))
+        print(f"previous  {release.version}  ({release.action} {stamp} UTC)")
+    return 0
+
+
+def command_line() -> str:
+    return "intent-worker " + " ".join(shlex.quote(a) for a in sys.argv[1:])
