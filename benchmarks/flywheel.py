@@ -40,10 +40,7 @@ from common import machine, write_result
 from streams import (  # streams puts the repository root first: benchmarks/worker.py shadows the package
     ROOT,
     Text,
-    WorkerRun,
     broker,
-    clean_env,
-    metric_sum,
     produce,
     produce_at_rate,
     read_topic,
@@ -52,6 +49,7 @@ from streams import (  # streams puts the repository root first: benchmarks/work
 )
 
 from worker.corpus import read_jsonl
+from worker.harness import WorkerProcess, metric_sum, worker_env
 from worker.services import start_redis
 from worker.topics import BUFFER_FIELD, DEAD_LETTERS, INTENTS, buffer_key
 
@@ -222,7 +220,7 @@ def labeller_throughput(
     return out
 
 
-def replay(kafka: str, worker: WorkerRun, texts: list[Text], client: redis.Redis) -> dict[str, Any]:
+def replay(kafka: str, worker: WorkerProcess, texts: list[Text], client: redis.Redis) -> dict[str, Any]:
     started = time.perf_counter()
     n, rate = asyncio.run(produce(kafka, "utterances", ((t.id.encode(), utterance_bytes(t)) for t in texts)))
     deadline = time.monotonic() + 900
@@ -249,7 +247,7 @@ def replay(kafka: str, worker: WorkerRun, texts: list[Text], client: redis.Redis
 
 def switch(
     kafka: str,
-    worker: WorkerRun,
+    worker: WorkerProcess,
     env: dict[str, str],
     candidate: Path,
     work: Path,
@@ -358,7 +356,7 @@ def labeller_only(args: argparse.Namespace) -> int:
     chosen = samples_from_dataset(work / "dataset", args.throughput_entries)
     with start_redis(work / "valkey-labeller") as valkey:
         client = redis.Redis.from_url(valkey.url)
-        env = clean_env({"INTENT_REDIS_URL": valkey.url, "INTENT_RUN_DIR": str(work / "run")})
+        env = worker_env({"INTENT_REDIS_URL": valkey.url, "INTENT_RUN_DIR": str(work / "run")})
         result["labeller_throughput"] = labeller_throughput(client, env, work, chosen)
         result["two_labellers"] = parallel_labellers(client, env, work, chosen)
     result["labeller_measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -408,7 +406,7 @@ def main() -> int:
         if not (args.seed_corpus / "manifest.json").exists():
             raise SystemExit(f"no seed corpus at {args.seed_corpus}: run `make corpus` first")
         cli(["train", *recipe, "--epochs", str(args.epochs), "--fraction", "0.1", "--data", str(args.seed_corpus),
-             "--out", str(seed)], clean_env({}), capture=False)  # fmt: skip
+             "--out", str(seed)], worker_env({}), capture=False)  # fmt: skip
     texts = training_texts(args.shared)
     _SWITCH_TEXTS.extend((t.text, t.locale) for t in random.Random(1).sample(texts, 5000))
     result: dict[str, Any] = {"machine": machine(), "texts": len(texts)}
@@ -417,7 +415,7 @@ def main() -> int:
     started = time.perf_counter()
     with broker(work / "tansu", partitions=4) as kafka, start_redis(work / "valkey") as valkey:
         client = redis.Redis.from_url(valkey.url)
-        env = clean_env(
+        env = worker_env(
             {
                 "INTENT_KAFKA_BOOTSTRAP": kafka.bootstrap,
                 "INTENT_REDIS_URL": valkey.url,
@@ -435,7 +433,7 @@ def main() -> int:
             "INTENT_BUFFER_MAX_PENDING_WRITES": "64",
             "INTENT_MODEL_POLL_INTERVAL_S": "1.0",
         }
-        worker = WorkerRun(
+        worker = WorkerProcess(
             kafka=kafka.bootstrap, redis=valkey.url, run_dir=work / "run", group=GROUP,
             student=seed, partitions=4, extra={**sampling, "INTENT_REGISTRY_DIR": str(registry), "INTENT_REDIS_KEY_PREFIX": PREFIX},
         )  # fmt: skip

@@ -9,15 +9,10 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +21,11 @@ from typing import Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # before benchmarks/, whose worker.py would shadow the package
 
-from worker.services import EmbeddedService, create_topics, free_port, start_kafka
+from worker.services import EmbeddedService, create_topics, start_kafka
 from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
 
 WORKER_TOPICS = (UTTERANCES, INTENTS, DEAD_LETTERS)
@@ -276,157 +270,6 @@ def span_rate(records: Sequence[ConsumerRecord[bytes, bytes]]) -> dict[str, floa
     stamps = sorted(r.timestamp for r in records)
     span_s = max((stamps[-1] - stamps[0]) / 1000, 1e-3)
     return {"per_s": round((len(stamps) - 1) / span_s, 1), "span_s": round(span_s, 3), "n": len(stamps)}
-
-
-# -- Worker processes ----------------------------------------------------------------------------------
-
-
-def clean_env(settings: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without any ``INTENT_*`` variable, plus ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INTENT_")}
-    env.update(settings)
-    return env
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class WorkerRun:
-    """``python -m worker.cli --log-json run`` in a subprocess, its log in ``run_dir``."""
-
-    def __init__(
-        self,
-        *,
-        kafka: str,
-        redis: str,
-        run_dir: Path,
-        group: str,
-        student: Path,
-        partitions: int,
-        extra: Mapping[str, str] | None = None,
-    ) -> None:
-        self.kafka = kafka
-        self.run_dir = run_dir
-        self.port = free_port()
-        self.web = f"http://127.0.0.1:{self.port}"
-        self.partitions = partitions
-        self.env = clean_env(
-            {
-                "INTENT_KAFKA_BOOTSTRAP": kafka,
-                "INTENT_REDIS_URL": redis,
-                "INTENT_STUDENT_DIR": str(student),
-                "INTENT_RUN_DIR": str(run_dir),
-                "INTENT_CONSUMER_GROUP": group,
-                "INTENT_REDIS_KEY_PREFIX": f"bench-{group}",
-                "INTENT_WEB_PORT": str(self.port),
-                "INTENT_INFERENCE_THREADS": "1",
-                **(extra or {}),
-            }
-        )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = run_dir / "worker.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-
-    def start(self) -> Self:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "--log-json", "run", "--partitions", str(self.partitions)],
-                env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self.started_at = time.monotonic()
-        return self
-
-    def __enter__(self) -> Self:
-        return self if self.process is not None else self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self.alive():
-            self.terminate()
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.web + path, timeout=2) as response:
-                return int(response.status), bytes(response.read())
-        except urllib.error.HTTPError as error:
-            return int(error.code), error.read()
-
-    def health(self) -> tuple[int, dict[str, object]]:
-        try:
-            status, body = self.get("/health")
-            return status, dict(json.loads(body))
-        except (OSError, ValueError):
-            return 0, {}
-
-    def wait_healthy(self, timeout_s: float = 90.0) -> dict[str, object]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"the worker exited:\n{self.log_tail()}")
-            status, body = self.health()
-            if status == 200:
-                return body
-            time.sleep(0.2)
-        raise RuntimeError(f"the worker was not healthy within {timeout_s} s:\n{self.log_tail()}")
-
-    def metrics(self) -> dict[str, float]:
-        """Samples as ``name{label="value",...}`` → value (labels sorted)."""
-        status, body = self.get("/metrics")
-        if status != 200:
-            raise RuntimeError(f"/metrics answered {status}")
-        values: dict[str, float] = {}
-        for family in text_string_to_metric_families(body.decode()):
-            for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return values
-
-    def log_tail(self, limit: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-limit:]
-
-    def log_events(self) -> list[dict[str, object]]:
-        events = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    events.append(json.loads(line))
-        return events
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-
-    def terminate(self, timeout_s: float = 60.0) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            return -9
-
-
-def metric_sum(metrics: Mapping[str, float], name: str) -> float:
-    """Sum of every sample of ``name`` (a counter over all its labels)."""
-    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
 # -- A student without a model, to see what the worker costs besides inference ------------------------

@@ -53,9 +53,7 @@ import worker_scenarios
 from common import machine
 from streams import (
     TopicWatch,
-    WorkerRun,
     broker,
-    cpu_seconds,
     cycled,
     median,
     null_student,
@@ -70,6 +68,7 @@ from streams import (
 )
 
 from worker.config import MODELS_DIR, Settings
+from worker.harness import WorkerProcess, cpu_seconds
 from worker.schemas import Intent
 from worker.services import EmbeddedService, free_port, start_redis
 from worker.topics import INTENTS, UTTERANCES
@@ -102,7 +101,7 @@ def run_path(
     broker_cpu = cpu_seconds(kafka.pid)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the path's process, once reaped
     began = time.monotonic()
-    worker: WorkerRun | None = None
+    worker: WorkerProcess | None = None
     process: subprocess.Popen[bytes] | None = None
     if path in SINKS:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +117,7 @@ def run_path(
         extra = dict(item.split("=", 1) for item in args.set)
         if path == "worker_inference_thread":
             extra["INTENT_INFERENCE_PROCESS"] = "false"
-        worker = WorkerRun(
+        worker = WorkerProcess(
             kafka=kafka.bootstrap, redis=redis.url, run_dir=run_dir, group=group, student=student,
             partitions=args.partitions, extra=extra,
         ).start()  # fmt: skip
@@ -302,7 +301,7 @@ def latency(args: argparse.Namespace, rows: list[tuple[str, str]], tmp: Path) ->
         start_redis(tmp / "valkey-latency") as redis,
     ):
         extra = dict(item.split("=", 1) for item in args.set)
-        with WorkerRun(
+        with WorkerProcess(
             kafka=kafka.bootstrap, redis=redis.url, run_dir=tmp / "latency", group="latency",
             student=args.student, partitions=args.partitions, extra=extra,
         ) as worker:  # fmt: skip

@@ -23,16 +23,15 @@ from pathlib import Path
 
 from streams import (
     TopicWatch,
-    WorkerRun,
     broker,
     cycled,
-    metric_sum,
     produce,
     produce_at_rate,
     read_topic,
     topic_ends,
 )
 
+from worker.harness import WorkerProcess, metric_sum
 from worker.schemas import DeadLetter
 from worker.services import start_redis
 from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
@@ -52,21 +51,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outage-phase-s", type=float, default=30.0, help="length of each phase")
 
 
-def _worker(args: argparse.Namespace, kafka: str, redis: str, run_dir: Path, group: str) -> WorkerRun:
+def _worker(args: argparse.Namespace, kafka: str, redis: str, run_dir: Path, group: str) -> WorkerProcess:
     """The real worker on ``kafka``/``redis`` with the benchmark's student and settings."""
     extra = dict(item.split("=", 1) for item in args.set)
-    return WorkerRun(
+    return WorkerProcess(
         kafka=kafka, redis=redis, run_dir=run_dir, group=group, student=args.student,
         partitions=args.partitions, extra=extra,
     )  # fmt: skip
 
 
-def _partitions(worker: WorkerRun) -> list[str]:
+def _partitions(worker: WorkerProcess) -> list[str]:
     status, body = worker.health()
     return sorted(str(p) for p in body.get("partitions", [])) if status == 200 else []  # type: ignore[attr-defined]
 
 
-def _assignments(worker: WorkerRun, began: float) -> list[dict[str, object]]:
+def _assignments(worker: WorkerProcess, began: float) -> list[dict[str, object]]:
     """The ``partitions_assigned`` log events, with seconds since ``began`` (wall clock)."""
     out = []
     for event in worker.log_events():
@@ -99,7 +98,7 @@ def scaling(args: argparse.Namespace, rows: list[tuple[str, str]], tmp: Path) ->
         start_redis(tmp / "valkey-scaling") as redis,
     ):
 
-        def worker(name: str) -> WorkerRun:
+        def worker(name: str) -> WorkerProcess:
             return _worker(args, kafka.bootstrap, redis.url, tmp / f"scaling-{name}", "pair")
 
         began = time.time()

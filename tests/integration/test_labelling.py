@@ -19,9 +19,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import redis
-from worker_harness import worker_env
 
 from worker.dataset import DatasetWriter, read_manifest
+from worker.harness import worker_env
 from worker.labelling import BufferLabeller, LabellerOptions
 from worker.schemas import BufferSample, SampleReason
 from worker.services import EmbeddedService

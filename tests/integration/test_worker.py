@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from redis import Redis
-from worker_harness import WorkerProcess, consume, produce, utterance, worker_env
+from worker_harness import WorkerProcess, consume, produce, utterance
 
 from worker.config import REPO_ROOT
+from worker.harness import worker_env
 from worker.schemas import BufferSample, DeadLetter, Intent
 from worker.services import EmbeddedService, create_topics, start_kafka, start_redis
 from worker.topics import BUFFER_FIELD, DEAD_LETTERS, INTENTS, UTTERANCES, buffer_key
