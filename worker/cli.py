@@ -244,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="write K augmented variants per row (case/punctuation, code-switching) instead of the rows",
     )
+    cb.add_argument(
+        "--lexicon",
+        type=int,
+        default=0,
+        metavar="K",
+        help="write K word-by-word translations of each English row, into languages drawn at random, "
+        "with a lexicon the teacher induces from the other rows' words, instead of the rows",
+    )
     cb.add_argument("--quiet", action="store_true")
     cb.set_defaults(handler=cli_models.corpus_build)
 

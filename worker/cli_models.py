@@ -107,10 +107,38 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
         for row in rows:
             donors.setdefault(row.locale, []).append(row.text)
         rows = list(augment(rows, donors, per_row=args.augment, seed=0))
+    elif args.lexicon:
+        rows = _translated_rows(settings, rows, per_row=args.lexicon, out=Path(args.out))
     with tqdm(total=len(rows), unit="utt", desc="labelling", disable=args.quiet) as bar:
         n = label_rows(teacher, rows, writer, progress=bar.update)
     print(f"{n} rows in {args.out} (dataset version {writer.manifest['dataset_version']})")
     return 0
+
+
+def _translated_rows(settings: Settings, rows: list[Any], *, per_row: int, out: Path) -> list[Any]:
+    """Word-by-word translations of the English rows (:mod:`worker.lexicon`); the lexicon is kept
+    as ``lexicon.json`` beside the dataset."""
+    from worker.lexicon import UNSPACED, candidates, induce, language, lexical_variants
+    from worker.teacher import load_embedded_encoder
+
+    english_rows = [row for row in rows if language(row.locale) == "en" and not row.id.endswith(":en")]
+    texts_by_language: dict[str, list[str]] = {}
+    for row in rows:
+        if language(row.locale) != "en":
+            texts_by_language.setdefault(language(row.locale), []).append(row.text)
+    english = candidates((row.text for row in english_rows), "en", min_count=2, limit=5000)
+    targets = {
+        lang: candidates(texts, lang, min_count=2 if lang in UNSPACED else 1, limit=3000)
+        for lang, texts in texts_by_language.items()
+    }
+    encoder = load_embedded_encoder(settings)
+    lexicon = induce(english, targets, lambda words: encoder.run(list(words)))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lexicon.json").write_text(
+        json.dumps(lexicon.entries, ensure_ascii=False, indent=1, sort_keys=True)
+    )
+    say(f"lexicon: {len(english)} English words; pairs per language {lexicon.size()}")
+    return list(lexical_variants(english_rows, lexicon, per_row=per_row, min_replaced=1, seed=0))
 
 
 def train(settings: Settings, args: argparse.Namespace) -> int:
