@@ -110,17 +110,22 @@ def _normalised(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 
 def translate(text: str, pairs: Mapping[str, str], lang: str) -> tuple[str, int]:
-    """``text`` with every word the lexicon knows replaced; and how many were replaced."""
-    out, replaced = [], 0
+    """``text`` with every word the lexicon knows replaced; and how many were replaced.
+
+    In a language written without spaces, two translated words in a row are joined without one.
+    """
+    out: list[str] = []
+    replaced = 0
+    previous = False  # the previous word was translated
     for word in text.split():
         key = unicodedata.normalize("NFKC", word).lower().strip(".,!?'\"")
-        if key in pairs:
-            out.append(pairs[key])
-            replaced += 1
-        else:
-            out.append(word)
-    joiner = "" if lang in ("zh", "th") else " "
-    return joiner.join(out), replaced
+        current = key in pairs
+        if out and not (current and previous and lang in UNSPACED):
+            out.append(" ")
+        out.append(pairs[key] if current else word)
+        replaced += current
+        previous = current
+    return "".join(out), replaced
 
 
 def lexical_variants(

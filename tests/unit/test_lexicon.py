@@ -57,7 +57,9 @@ def test_translate_replaces_known_words_and_joins_unspaced_languages() -> None:
         "imposta the sveglia",
         2,
     )
-    assert translate("play music", {"music": "音乐"}, "zh") == ("play音乐", 1)
+    pairs = {"play": "播放", "music": "音乐"}
+    assert translate("play music now", pairs, "zh") == ("播放音乐 now", 2)
+    assert translate("play music now", pairs, "it") == ("播放 音乐 now", 2)
 
 
 def test_variants_keep_the_source_split_and_skip_rows_with_nothing_translated() -> None:
