@@ -281,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--patience", type=int, default=3, help="stop after this many epochs without improvement"
     )
     train.add_argument(
+        "--min-delta",
+        type=float,
+        default=1e-6,
+        help="an epoch improves when its validation loss beats the best by more than this",
+    )
+    train.add_argument(
         "--plateau-factor",
         type=float,
         default=1.0,

@@ -183,6 +183,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         fraction=args.fraction,
         threads=args.threads,
         patience=args.patience,
+        min_delta=args.min_delta,
         plateau_factor=args.plateau_factor,
     )
     request = TrainRequest(

@@ -193,3 +193,13 @@ def test_the_learning_rate_drops_after_each_epoch_without_improvement() -> None:
     for i in range(1, len(rates)):
         improved = losses[i - 1] < min(losses[: i - 1], default=float("inf")) - 1e-6
         assert rates[i] == (rates[i - 1] if improved else rates[i - 1] * 0.5)
+
+
+def test_an_epoch_improves_only_by_more_than_min_delta() -> None:
+    tokenizer, vocab = _pruned()
+    student = StudentConfig(arch="bag", vocab_size=len(vocab), n_labels=3, embedding_dim=8, filters=4)  # type: ignore[arg-type]
+    rows = [Example(text, np.array([1.0, 0.0, -1.0], np.float32), "en") for text in CORPUS]
+    config = TrainConfig(epochs=10, batch_size=4, warmup_epochs=0.0, patience=2, min_delta=1e9, threads=1)
+    result = train_student(student, None, tokenizer, lambda: iter(rows), lambda: iter(rows), config)
+    assert result.best_epoch == 1  # the first epoch beats infinity; none beats it by 1e9
+    assert len(result.history) == 3  # then two epochs without improvement, and it stops
