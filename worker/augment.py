@@ -18,6 +18,7 @@ import random
 import re
 from collections.abc import Iterator, Sequence
 
+from worker.corpus import language_of
 from worker.labelling import SourceRow
 
 _PUNCT = re.compile(r"[^\w\s']", re.UNICODE)
@@ -57,7 +58,7 @@ def augment(
             if n % 2 == 0:
                 kind, text = "surface", surface_variant(row.text, rng)
             else:
-                others = [loc for loc in locales if loc.split("-")[0] != row.locale.split("-")[0]] or locales
+                others = [loc for loc in locales if language_of(loc) != language_of(row.locale)] or locales
                 kind, text = "switch", switch_variant(row.text, donors_by_locale[rng.choice(others)], rng)
             if text != row.text:
                 yield SourceRow(f"{row.id}:aug-{kind}-{n}", text, row.locale, f"augment:{kind}")

@@ -118,14 +118,15 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
 def _translated_rows(settings: Settings, rows: list[Any], *, per_row: int, out: Path) -> list[Any]:
     """Word-by-word translations of the English rows (:mod:`worker.lexicon`); the lexicon is kept
     as ``lexicon.json`` beside the dataset."""
-    from worker.lexicon import UNSPACED, candidates, induce, language, lexical_variants
+    from worker.corpus import language_of
+    from worker.lexicon import UNSPACED, candidates, induce, lexical_variants
     from worker.teacher import load_embedded_encoder
 
-    english_rows = [row for row in rows if language(row.locale) == "en" and not row.id.endswith(":en")]
+    english_rows = [row for row in rows if language_of(row.locale) == "en" and not row.id.endswith(":en")]
     texts_by_language: dict[str, list[str]] = {}
     for row in rows:
-        if language(row.locale) != "en":
-            texts_by_language.setdefault(language(row.locale), []).append(row.text)
+        if language_of(row.locale) != "en":
+            texts_by_language.setdefault(language_of(row.locale), []).append(row.text)
     english = candidates((row.text for row in english_rows), "en", min_count=2, limit=5000)
     targets = {
         lang: candidates(texts, lang, min_count=2 if lang in UNSPACED else 1, limit=3000)

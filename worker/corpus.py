@@ -136,3 +136,8 @@ def massive_files(shared_dir: Path) -> list[Path]:
 
 def xsid_files(shared_dir: Path) -> list[Path]:
     return sorted((shared_dir / "xsid").glob("*.jsonl"))
+
+
+def language_of(locale: str) -> str:
+    """``de-DE``, ``de_ba``, ``DE`` -> ``de``."""
+    return locale.replace("_", "-").split("-")[0].lower()

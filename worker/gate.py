@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from worker.corpus import language_of
 from worker.errors import DataError
 from worker.evaluation import kl_divergence, macro_f1
 from worker.inference import Logits, Student, chunked_logits
@@ -315,11 +316,6 @@ def decide(candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: T
         current,
         {"n": len(golden.texts), "identity": golden.identity, "locales": counts},
     )
-
-
-def language_of(locale: str) -> str:
-    """``de-DE``, ``de_ba``, ``DE`` -> ``de``."""
-    return locale.replace("_", "-").split("-")[0].lower()
 
 
 def _significant(candidate: ModelReport, current: ModelReport, rows: npt.NDArray[np.bool_]) -> bool:

@@ -40,10 +40,6 @@ _WORD = re.compile(r"[\w']+", re.UNICODE)
 Embed = Callable[[Sequence[str]], npt.NDArray[np.float32]]
 
 
-def language(locale: str) -> str:
-    return locale.split("-")[0].lower()
-
-
 def words_of(text: str, lang: str, max_ngram: int = 3) -> list[str]:
     """Candidate words of ``text``: lower-cased words, or character n-grams for unspaced scripts."""
     text = unicodedata.normalize("NFKC", text).lower()
