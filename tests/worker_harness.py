@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import ClassVar
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -34,27 +35,11 @@ class WorkerProcess(harness.WorkerProcess):
     worker's partitions move in about 4 s); it is killed at the end of its ``with`` block, and
     anything that goes wrong with it fails the test, with its log."""
 
-    def __init__(
-        self,
-        *,
-        kafka: str,
-        redis: str,
-        run_dir: Path,
-        group: str,
-        prefix: str,
-        student: Path,
-        partitions: int = 2,
-        extra: Mapping[str, str] | None = None,
-    ) -> None:
-        short = {
-            "INTENT_BROKER_SESSION_TIMEOUT_S": "3.0",
-            "INTENT_BROKER_HEARTBEAT_INTERVAL_S": "0.8",
-            "INTENT_COMMIT_INTERVAL_S": "0.5",
-        }
-        super().__init__(
-            kafka=kafka, redis=redis, run_dir=run_dir, group=group, student=student,
-            partitions=partitions, prefix=prefix, extra={**short, **(extra or {})},
-        )  # fmt: skip
+    settings: ClassVar[Mapping[str, str]] = {
+        "INTENT_BROKER_SESSION_TIMEOUT_S": "3.0",
+        "INTENT_BROKER_HEARTBEAT_INTERVAL_S": "0.8",
+        "INTENT_COMMIT_INTERVAL_S": "0.5",
+    }
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

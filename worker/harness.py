@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,9 +46,12 @@ def cpu_seconds(pid: int) -> float:
 class WorkerProcess:
     """``python -m worker.cli --log-json run`` with its log in ``run_dir``; stopped on exit.
 
-    ``extra`` settings override the defaults set here (the services, the student, a free
-    loopback web port, one inference thread).
+    ``extra`` settings override the class's ``settings``, which override the defaults set here
+    (the services, the student, a free loopback web port, one inference thread).
     """
+
+    #: Settings a subclass gives every worker it starts.
+    settings: ClassVar[Mapping[str, str]] = {}
 
     def __init__(
         self,
@@ -77,6 +80,7 @@ class WorkerProcess:
                 "INTENT_REDIS_KEY_PREFIX": prefix or f"harness-{group}",
                 "INTENT_WEB_PORT": str(self.port),
                 "INTENT_INFERENCE_THREADS": "1",
+                **self.settings,
                 **(extra or {}),
             }
         )
