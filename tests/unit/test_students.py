@@ -17,7 +17,7 @@ from worker.errors import ModelError
 from worker.inference import REQUIRED_FILES, Student, classify
 from worker.teacher.e5format import E5File, default_weights_path
 from worker.teacher.tokenizer import build_tokenizer
-from worker.training.distil import Example, TrainConfig, train_student
+from worker.training.distil import Example, TrainConfig, TrainResult, train_student
 from worker.training.export import export_onnx, quantise_static, run_logits, verify_parity
 from worker.training.students import StudentConfig, build_student, initial_embeddings
 from worker.training.vocab import BYTE_PIECES, FIRST_PIECE_ID, count_pieces, prune
@@ -180,13 +180,19 @@ def test_model_directory_with_wrong_label_count_is_refused(tmp_path: Path) -> No
     shutil.rmtree(directory)
 
 
-def test_the_learning_rate_drops_after_each_epoch_without_improvement() -> None:
+def _distil_tiny_bag(valid_logits: list[float], config: TrainConfig) -> TrainResult:
+    """A tiny bag student trained on the fixture corpus, validated on the same texts against
+    ``valid_logits`` (the training targets are [1, 0, -1])."""
     tokenizer, vocab = _pruned()
     student = StudentConfig(arch="bag", vocab_size=len(vocab), n_labels=3, embedding_dim=8, filters=4)  # type: ignore[arg-type]
     rows = [Example(text, np.array([1.0, 0.0, -1.0], np.float32), "en") for text in CORPUS]
-    valid = [Example(text, np.array([-50.0, 0.0, 50.0], np.float32), "en") for text in CORPUS]
+    valid = [Example(text, np.array(valid_logits, np.float32), "en") for text in CORPUS]
+    return train_student(student, None, tokenizer, lambda: iter(rows), lambda: iter(valid), config)
+
+
+def test_the_learning_rate_drops_after_each_epoch_without_improvement() -> None:
     config = TrainConfig(epochs=6, batch_size=4, warmup_epochs=0.0, patience=3, plateau_factor=0.5, threads=1)
-    result = train_student(student, None, tokenizer, lambda: iter(rows), lambda: iter(valid), config)
+    result = _distil_tiny_bag([-50.0, 0.0, 50.0], config)
     rates = [epoch["learning_rate"] for epoch in result.history]
     losses = [epoch["valid_loss"] for epoch in result.history]
     assert rates[0] == config.learning_rate
@@ -196,10 +202,7 @@ def test_the_learning_rate_drops_after_each_epoch_without_improvement() -> None:
 
 
 def test_an_epoch_improves_only_by_more_than_min_delta() -> None:
-    tokenizer, vocab = _pruned()
-    student = StudentConfig(arch="bag", vocab_size=len(vocab), n_labels=3, embedding_dim=8, filters=4)  # type: ignore[arg-type]
-    rows = [Example(text, np.array([1.0, 0.0, -1.0], np.float32), "en") for text in CORPUS]
     config = TrainConfig(epochs=10, batch_size=4, warmup_epochs=0.0, patience=2, min_delta=1e9, threads=1)
-    result = train_student(student, None, tokenizer, lambda: iter(rows), lambda: iter(rows), config)
+    result = _distil_tiny_bag([1.0, 0.0, -1.0], config)
     assert result.best_epoch == 1  # the first epoch beats infinity; none beats it by 1e9
     assert len(result.history) == 3  # then two epochs without improvement, and it stops
