@@ -6,6 +6,7 @@ import functools
 import json
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -180,14 +181,18 @@ def test_model_directory_with_wrong_label_count_is_refused(tmp_path: Path) -> No
     shutil.rmtree(directory)
 
 
-def _distil_tiny_bag(valid_logits: list[float], config: TrainConfig) -> TrainResult:
+def _distil_tiny_bag(
+    valid_logits: list[float], config: TrainConfig, checkpoint: Path | None = None
+) -> TrainResult:
     """A tiny bag student trained on the fixture corpus, validated on the same texts against
     ``valid_logits`` (the training targets are [1, 0, -1])."""
     tokenizer, vocab = _pruned()
     student = StudentConfig(arch="bag", vocab_size=len(vocab), n_labels=3, embedding_dim=8, filters=4)  # type: ignore[arg-type]
     rows = [Example(text, np.array([1.0, 0.0, -1.0], np.float32), "en") for text in CORPUS]
     valid = [Example(text, np.array(valid_logits, np.float32), "en") for text in CORPUS]
-    return train_student(student, None, tokenizer, lambda: iter(rows), lambda: iter(valid), config)
+    return train_student(
+        student, None, tokenizer, lambda: iter(rows), lambda: iter(valid), config, checkpoint=checkpoint
+    )
 
 
 def test_the_learning_rate_drops_after_each_epoch_without_improvement() -> None:
@@ -206,3 +211,32 @@ def test_an_epoch_improves_only_by_more_than_min_delta() -> None:
     result = _distil_tiny_bag([1.0, 0.0, -1.0], config)
     assert result.best_epoch == 1  # the first epoch beats infinity; none beats it by 1e9
     assert len(result.history) == 3  # then two epochs without improvement, and it stops
+
+
+def test_a_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=4, batch_size=4, warmup_epochs=1.0, patience=9, threads=1)
+    whole = _distil_tiny_bag([1.0, 0.0, -1.0], config)
+    checkpoint = tmp_path / "train.pt"
+    _distil_tiny_bag([1.0, 0.0, -1.0], replace(config, epochs=2), checkpoint)  # "killed" after epoch 2
+    resumed = _distil_tiny_bag([1.0, 0.0, -1.0], config, checkpoint)
+    assert [e["epoch"] for e in resumed.history] == [1, 2, 3, 4]
+    assert [e["valid_loss"] for e in resumed.history] == pytest.approx(
+        [e["valid_loss"] for e in whole.history]
+    )
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name])
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "train.pt"
+    config = TrainConfig(epochs=1, batch_size=4, threads=1)
+    _distil_tiny_bag([1.0, 0.0, -1.0], config, checkpoint)
+    with pytest.raises(ValueError, match="another run"):
+        _distil_tiny_bag([1.0, 0.0, -1.0], replace(config, learning_rate=0.5, epochs=2), checkpoint)
+
+
+def test_each_epoch_reports_its_own_time_the_total_and_a_bound_on_time_left() -> None:
+    result = _distil_tiny_bag([1.0, 0.0, -1.0], TrainConfig(epochs=2, batch_size=4, patience=9, threads=1))
+    first, second = result.history
+    assert second["elapsed_seconds"] >= first["epoch_seconds"] + second["epoch_seconds"] - 0.2
+    assert first["rows_per_s"] > 0 and second["max_seconds_left"] == 0

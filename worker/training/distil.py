@@ -10,11 +10,12 @@ validation set that drives early stopping, and ``fraction`` keeps a deterministi
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,11 +150,14 @@ def train_student(
     train_source: Any,
     valid_source: Any,
     config: TrainConfig,
+    checkpoint: Path | None = None,
 ) -> TrainResult:
     """Train with Adam, linear warm-up, and early stopping on the validation loss.
 
     ``train_source``/``valid_source`` are callables returning a fresh example iterator
-    (each epoch streams the data again).
+    (each epoch streams the data again). With ``checkpoint``, the whole training state is
+    saved there after every epoch, and a run that finds a checkpoint of the same
+    configuration and vocabulary resumes after its last epoch.
     """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
@@ -177,25 +181,29 @@ def train_student(
     train_rows = sum(1 for _ in train_source())
     steps_per_epoch = max(1, math.ceil(train_rows / config.batch_size))
     warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
-    best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
-    history: list[dict[str, float]] = []
-    started = time.perf_counter()
-    step = 0
-    rate = config.learning_rate
-    for epoch in range(1, config.epochs + 1):
+    state = _TrainState(rate=config.learning_rate)
+    fingerprint = _fingerprint(student_config, config, tokenizer, train_rows)
+    if checkpoint is not None and checkpoint.exists():
+        state = _resume(checkpoint, fingerprint, model, optimiser, rng)
+    progress = _Progress(train_rows, config.epochs)
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        if state.stale >= config.patience:
+            break  # a resumed run that had already stopped early
         model.train()
         total, count = 0.0, 0
+        progress.epoch_started(epoch)
         stream = shuffled(iter(train_source()), config.shuffle_buffer, rng)
         for batch in _batches(stream, config.batch_size, rng):
-            step += 1
+            state.step += 1
             for group in optimiser.param_groups:
-                group["lr"] = rate * min(1.0, step / warmup_steps)
+                group["lr"] = state.rate * min(1.0, state.step / warmup_steps)
             loss, n = loss_of(batch, train=True)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             total += loss.item() * n
             count += n
+            progress.rows_done(n, total / count)
         model.eval()
         with torch.no_grad():
             v_total, v_count = 0.0, 0
@@ -204,29 +212,144 @@ def train_student(
                 v_total += float(loss) * n
                 v_count += n
         valid_loss = v_total / max(v_count, 1)
-        history.append(
+        state.history.append(
             {
                 "epoch": epoch,
                 "train_loss": total / max(count, 1),
                 "valid_loss": valid_loss,
-                "learning_rate": rate,
-                "seconds": round(time.perf_counter() - started, 1),
+                "learning_rate": state.rate,
+                **progress.epoch_done(),
             }
         )
-        log.info("epoch_done", **history[-1])
-        if valid_loss < best_loss - config.min_delta:
-            best_loss, best_epoch, stale = valid_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        log.info("epoch_done", **state.history[-1])
+        state.epoch = epoch
+        if valid_loss < state.best_loss - config.min_delta:
+            state.best_loss, state.best_epoch, state.stale = valid_loss, epoch, 0
+            state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
-            stale += 1
-            rate *= config.plateau_factor
-            if stale >= config.patience:
-                log.info("early_stop", epoch=epoch, best_epoch=best_epoch)
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+            state.stale += 1
+            state.rate *= config.plateau_factor
+        if checkpoint is not None:
+            _save(checkpoint, fingerprint, state, model, optimiser, rng)
+        if state.stale >= config.patience:
+            log.info("early_stop", epoch=epoch, best_epoch=state.best_epoch)
+            break
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     model.eval()
-    return TrainResult(model, history, best_epoch, train_rows, len(valid), time.perf_counter() - started)
+    return TrainResult(
+        model, state.history, state.best_epoch, train_rows, len(valid), progress.elapsed() + state.seconds
+    )
+
+
+@dataclass
+class _TrainState:
+    """Everything an epoch boundary must carry over, so a run can resume there."""
+
+    rate: float
+    epoch: int = 0
+    step: int = 0
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    best_state: dict[str, Any] | None = None
+    stale: int = 0
+    seconds: float = 0.0  # training time of the epochs before a resume
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _fingerprint(student_config: StudentConfig, config: TrainConfig, tokenizer: Tokenizer, rows: int) -> str:
+    """What a checkpoint must match to be resumed: the model, the schedule, the vocabulary, the data."""
+    schedule = {k: v for k, v in asdict(config).items() if k not in ("threads", "epochs", "patience")}
+    digest = hashlib.sha256(
+        json.dumps([student_config.to_json(), schedule, rows], sort_keys=True, default=str).encode()
+    )
+    digest.update(tokenizer.to_str().encode())
+    return digest.hexdigest()[:16]
+
+
+def _save(
+    path: Path, fingerprint: str, state: _TrainState, model: Any, optimiser: Any, rng: random.Random
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    state.seconds = state.history[-1]["elapsed_seconds"] if state.history else 0.0
+    torch.save(
+        {
+            "fingerprint": fingerprint,
+            "state": asdict(state),
+            "model": model.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "python_rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        staging,
+    )
+    staging.replace(path)
+    log.info("checkpoint_saved", path=str(path), epoch=state.epoch)
+
+
+def _resume(path: Path, fingerprint: str, model: Any, optimiser: Any, rng: random.Random) -> _TrainState:
+    saved = torch.load(path, weights_only=False)
+    if saved["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"checkpoint {path} belongs to another run (other data, vocabulary or settings); "
+            "delete it to start afresh"
+        )
+    model.load_state_dict(saved["model"])
+    optimiser.load_state_dict(saved["optimiser"])
+    rng.setstate(saved["python_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    state = _TrainState(**saved["state"])
+    log.info("training_resumed", path=str(path), after_epoch=state.epoch, best_epoch=state.best_epoch)
+    return state
+
+
+class _Progress:
+    """Rows per second and time left, logged every ``every_s`` seconds and at each epoch's end."""
+
+    def __init__(self, rows_per_epoch: int, epochs: int, every_s: float = 30.0) -> None:
+        self.rows_per_epoch, self.epochs, self.every_s = rows_per_epoch, epochs, every_s
+        self.started = time.perf_counter()
+        self.epoch = 0
+        self.epoch_started_at = self.last_report = self.started
+        self.rows = 0
+        self.epoch_seconds: list[float] = []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def epoch_started(self, epoch: int) -> None:
+        self.epoch, self.rows = epoch, 0
+        self.epoch_started_at = self.last_report = time.perf_counter()
+
+    def rows_done(self, n: int, train_loss: float) -> None:
+        self.rows += n
+        now = time.perf_counter()
+        if now - self.last_report < self.every_s:
+            return
+        self.last_report = now
+        rate = self.rows / max(now - self.epoch_started_at, 1e-9)
+        log.info(
+            "train_progress",
+            epoch=self.epoch,
+            rows=self.rows,
+            of_rows=self.rows_per_epoch,
+            train_loss=round(train_loss, 5),
+            rows_per_s=round(rate),
+            epoch_left_s=round((self.rows_per_epoch - self.rows) / max(rate, 1e-9)),
+        )
+
+    def epoch_done(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.epoch_started_at
+        self.epoch_seconds.append(seconds)
+        mean = sum(self.epoch_seconds) / len(self.epoch_seconds)
+        return {
+            "epoch_seconds": round(seconds, 1),
+            "elapsed_seconds": round(self.elapsed(), 1),
+            "rows_per_s": round(self.rows / max(seconds, 1e-9)),
+            # An upper bound: early stopping usually ends the run sooner.
+            "max_seconds_left": round(mean * (self.epochs - self.epoch)),
+        }
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

@@ -114,7 +114,11 @@ def train_model_dir(
         bag_hidden=request.bag_hidden,
     )
     log.info("training_started", arch=request.arch, vocab=len(vocab), objective=config.objective)
-    result = train_student(student_config, embeddings, tokenizer, train_source, valid_source, config)
+    checkpoint = checkpoint_path(request.out)
+    result = train_student(
+        student_config, embeddings, tokenizer, train_source, valid_source, config, checkpoint=checkpoint
+    )
+    log.info("exporting", fp32="fp32.onnx", then="INT8 static quantisation (about a minute)")
 
     out = request.out
     staging = out.with_name(out.name + ".tmp")
@@ -130,6 +134,12 @@ def train_model_dir(
     parity = verify_parity(fp32, int8, tokenizer, parity_texts, config.max_length)
     ship_int8 = parity["label_agreement"] >= MIN_INT8_AGREEMENT
     shutil.copy(int8 if ship_int8 else fp32, staging / "model.onnx")
+    if not ship_int8:
+        log.warning(
+            "int8_parity_too_low_shipping_fp32",
+            agreement=parity["label_agreement"],
+            required=MIN_INT8_AGREEMENT,
+        )
     int8.unlink()
     digest = hashlib.sha256((staging / "model.onnx").read_bytes()).hexdigest()
     locales: dict[str, int] = {}
@@ -179,7 +189,14 @@ def train_model_dir(
         "command": request.command,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return publish_model_dir(staging, out, card)
+    card = publish_model_dir(staging, out, card)
+    checkpoint.unlink(missing_ok=True)
+    return card
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its per-epoch state: the same command resumes from it."""
+    return out.with_name(out.name + ".checkpoint") / "train.pt"
 
 
 def publish_model_dir(staging: Path, out: Path, card: dict[str, Any]) -> dict[str, Any]:
