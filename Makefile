@@ -60,7 +60,7 @@ bench-pruned: setup ## Pruned-transformer students vs teacher, cnn, bag (trains 
 	$(BIN)/python benchmarks/pruned.py --data $(DATASET) --models build/pruned --cnn models/student --bag $(STUDENTS)/bag
 
 bench-worker: setup ## Worker must-shows (throughput vs raw/Faust ceilings, latency, scaling, bad input, Redis outage, fresh start; ~17 min): benchmarks/results/worker.json
-	$(BIN)/python benchmarks/worker.py
+	$(BIN)/python benchmarks/bench_worker.py
 
 loop-demo: corpus ## The closed loop on real services: replay, sample, label, train, gate, promote + rollback under traffic (~40 min): benchmarks/results/flywheel.json
 	$(BIN)/python benchmarks/flywheel.py

@@ -24,8 +24,8 @@ Sections (``--only`` picks some; the others are then kept from the existing file
 - ``fresh_start``: ``benchmarks/fresh_start.sh`` (a clean clone, a fresh venv, ``make run``,
   ``send``, ``tail``); its transcript goes to ``benchmarks/results/fresh_start.txt``.
 
-    .venv/bin/python benchmarks/worker.py                 # everything (about 25 minutes on 2 cores)
-    .venv/bin/python benchmarks/worker.py --only latency  # one section, merged into the file
+    .venv/bin/python benchmarks/bench_worker.py                 # everything (about 25 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_worker.py --only latency  # one section, merged into the file
 """
 
 from __future__ import annotations
@@ -42,14 +42,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(
-    0, str(ROOT)
-)  # before benchmarks/ (the script's own directory), whose worker.py shadows the package
-
 import worker_scenarios
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from common import machine
 from streams import (
     TopicWatch,
@@ -68,10 +62,12 @@ from streams import (
 )
 
 from worker.config import MODELS_DIR, Settings
-from worker.harness import WorkerProcess, cpu_seconds
+from worker.dev.harness import WorkerProcess, cpu_seconds
+from worker.dev.services import EmbeddedService, free_port, start_redis
 from worker.schemas import Intent
-from worker.services import EmbeddedService, free_port, start_redis
 from worker.topics import INTENTS, UTTERANCES
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = ROOT / "benchmarks" / "results" / "worker.json"
 SECTIONS = ("throughput", "latency", "scaling", "bad_input", "redis_outage", "fresh_start")
@@ -378,7 +374,7 @@ def main() -> int:
             "inference_threads": 1,
             "settings": args.set,
             "machine": machine(),
-            "command": "python benchmarks/worker.py  # every section; --only SECTION,... reruns some",
+            "command": "python benchmarks/bench_worker.py  # every section; --only SECTION,... reruns some",
         }
     )
     started = time.monotonic()

@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import redis
 from common import machine, write_result
-from streams import (  # streams puts the repository root first: benchmarks/worker.py shadows the package
+from streams import (
     ROOT,
     Text,
     broker,
@@ -48,9 +48,9 @@ from streams import (  # streams puts the repository root first: benchmarks/work
     utterance_bytes,
 )
 
-from worker.corpus import read_jsonl
-from worker.harness import WorkerProcess, metric_sum, worker_env
-from worker.services import start_redis
+from worker.data.corpora import read_jsonl
+from worker.dev.harness import WorkerProcess, metric_sum, worker_env
+from worker.dev.services import start_redis
 from worker.topics import BUFFER_FIELD, DEAD_LETTERS, INTENTS, buffer_key
 
 PREFIX = "flywheel"

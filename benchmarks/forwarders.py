@@ -24,12 +24,11 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from worker.app import PRODUCER_MAX_BATCH_BYTES, new_faust_app
 from worker.config import Settings
+from worker.stream.app import PRODUCER_MAX_BATCH_BYTES, new_faust_app
 from worker.topics import UTTERANCES
+
+ROOT = Path(__file__).resolve().parent.parent
 
 BATCH = 256
 WITHIN_S = 0.01

@@ -27,26 +27,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-# Python puts this folder first on sys.path, where benchmarks/worker.py would shadow the
-# `worker` package: import the package first, then this folder's helpers.
-_HERE = str(Path(__file__).resolve().parent)
-while _HERE in sys.path:
-    sys.path.remove(_HERE)
-import worker  # noqa: F401
-
-sys.path.append(_HERE)
 from common import RESULTS, machine, write_result
 from students import speed_of
 
-from worker import evaluation
 from worker.config import Settings
-from worker.corpus import load_labelled, massive_files, require_shared_data, shared_mapping, xsid_files
-from worker.inference import Student
+from worker.data import evaluation
+from worker.data.corpora import load_labelled, massive_files, require_shared_data, shared_mapping, xsid_files
+from worker.models.student import Student
 from worker.teacher import E5_PREFIX, OnnxSequenceModel, OnnxTeacher
 from worker.teacher.build import ensure_encoder
 from worker.teacher.e5format import default_weights_path
-from worker.training.pruned import LAYER_SETS, quantise_guarded
+from worker.training.pruned.encoder import LAYER_SETS, quantise_guarded
 
 BIN = Path(sys.executable).parent
 # Distillation recipe (CPU budget): 10% of the corpus's training rows, one epoch, max length 64.
@@ -105,7 +96,10 @@ def main() -> None:
     if args.render_only:
         render(json.loads((RESULTS / "pruned.json").read_text()))
         return
-    for path, what in ((args.cnn, "the cnn student (make student)"), (args.bag, "the bag student (make students)")):
+    for path, what in (
+        (args.cnn, "the cnn student (make student)"),
+        (args.bag, "the bag student (make students)"),
+    ):
         if not (path / "card.json").exists():
             sys.exit(f"{path} is missing: build {what} first")
     train_missing(args.models, args.data)
@@ -201,7 +195,8 @@ def main() -> None:
         "teacher": teacher.identity,
         "validation_n": {k: len(v) for k, v in sets.items()},
         "speed_texts": len(speed_texts),
-        "distil_recipe": " ".join(DISTIL_ARGS) + " (batch 32, encoder lr 5e-5, head lr 5e-4, max length 64, 1 thread)",
+        "distil_recipe": " ".join(DISTIL_ARGS)
+        + " (batch 32, encoder lr 5e-5, head lr 5e-4, max length 64, 1 thread)",
         "vocabulary": vocabulary,
         "rows": rows,
         "note": "speed: onnxruntime at 1 thread, tokenisation included, measured side by side in this run; "
@@ -318,7 +313,9 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
             continue
         xs = [int(r["n_layers"]) for r in members]  # type: ignore[call-overload]
         top.plot(xs, [float(r["p50_ms"]) for r in members], marker, label=f"{family} (served)")  # type: ignore[arg-type]
-        bottom.plot(xs, [100 * float(r["pr_bep_gap"]) for r in members], marker, label=f"{family}: PR-BEP gap")  # type: ignore[arg-type]
+        bottom.plot(
+            xs, [100 * float(r["pr_bep_gap"]) for r in members], marker, label=f"{family}: PR-BEP gap"
+        )  # type: ignore[arg-type]
         bottom.plot(
             xs, [100 * (1 - float(r["agreement"])) for r in members], marker, alpha=0.4,  # type: ignore[arg-type]
             label=f"{family}: disagreement",
@@ -334,15 +331,21 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
     for r in rows:
         if str(r["model"]).startswith("distil-cos"):
             top.plot([int(r["n_layers"])], [float(r["p50_ms"])], "D", label=f"{r['model']} (me5s: + cosine)")  # type: ignore[call-overload,arg-type]
-            bottom.plot([int(r["n_layers"])], [100 * float(r["pr_bep_gap"])], "D", label=f"{r['model']}: PR-BEP gap")  # type: ignore[call-overload,arg-type]
+            bottom.plot(
+                [int(r["n_layers"])], [100 * float(r["pr_bep_gap"])], "D", label=f"{r['model']}: PR-BEP gap"
+            )  # type: ignore[call-overload,arg-type]
     top.plot([12], [float(teacher["p50_ms"])], "k*", markersize=12, label="teacher (12 layers, FP32)")  # type: ignore[arg-type]
     bottom.plot([12], [0.0], "k*", markersize=12, label="teacher")
     colours = {"cnn": "tab:red", "bag": "tab:green"}
     for r in rows:
         if r["family"] in colours:
             colour = colours[str(r["family"])]
-            top.axhline(float(r["p50_ms"]), color=colour, linestyle="--", label=f"{r['model']} ({r['served']})")  # type: ignore[arg-type]
-            bottom.axhline(100 * float(r["pr_bep_gap"]), color=colour, linestyle="--", label=f"{r['model']}: PR-BEP gap")  # type: ignore[arg-type]
+            top.axhline(
+                float(r["p50_ms"]), color=colour, linestyle="--", label=f"{r['model']} ({r['served']})"
+            )  # type: ignore[arg-type]
+            bottom.axhline(
+                100 * float(r["pr_bep_gap"]), color=colour, linestyle="--", label=f"{r['model']}: PR-BEP gap"
+            )  # type: ignore[arg-type]
     top.set_yscale("log")
     top.set_ylabel("p50 latency per utterance, ms (1 thread, log)")
     top.set_title("Pruned teacher T_l vs students: latency")

@@ -11,7 +11,6 @@ import itertools
 import json
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,11 +21,11 @@ from typing import Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # before benchmarks/, whose worker.py would shadow the package
-
-from worker.services import EmbeddedService, create_topics, start_kafka
+from worker.dev.services import EmbeddedService, start_kafka
+from worker.stream.admin import create_topics
 from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
+
+ROOT = Path(__file__).resolve().parent.parent
 
 WORKER_TOPICS = (UTTERANCES, INTENTS, DEAD_LETTERS)
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # room for the 1 MB bad inputs

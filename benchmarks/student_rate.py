@@ -19,15 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(
-    0, str(ROOT)
-)  # before benchmarks/ (the script's own directory), whose worker.py shadows the package
-
 from streams import median, shared_texts
 
 from worker.config import Settings
-from worker.inference import Student, classify_chunked
+from worker.models.student import Student, classify_chunked
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:

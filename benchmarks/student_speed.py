@@ -23,18 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-_HERE = str(Path(__file__).resolve().parent)
-while _HERE in sys.path:  # benchmarks/worker.py would shadow the `worker` package
-    sys.path.remove(_HERE)
-import worker  # noqa: F401
-
-sys.path.append(_HERE)
 from common import machine, median_ms, write_result
 
 from worker.config import Settings
-from worker.corpus import load_labelled, massive_files, require_shared_data, shared_mapping, xsid_files
-from worker.inference import Student
+from worker.data.corpora import load_labelled, massive_files, require_shared_data, shared_mapping, xsid_files
+from worker.models.student import Student
 from worker.teacher import E5_PREFIX, OnnxSequenceModel, OnnxTeacher
 from worker.teacher.build import ensure_encoder
 from worker.teacher.e5format import default_weights_path

@@ -9,25 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-# Python puts this folder first on sys.path, where benchmarks/worker.py would shadow the
-# `worker` package: import the package first, then this folder's helpers.
-_HERE = str(Path(__file__).resolve().parent)
-while _HERE in sys.path:
-    sys.path.remove(_HERE)
-import worker  # noqa: F401
-
-sys.path.append(_HERE)
 from common import RESULTS, machine, median_ms, write_result
 
-from worker import evaluation
 from worker.config import Settings
-from worker.corpus import (
+from worker.data import evaluation
+from worker.data.corpora import (
     load_labelled,
     massive_files,
     read_jsonl,
@@ -35,7 +25,7 @@ from worker.corpus import (
     shared_mapping,
     xsid_files,
 )
-from worker.inference import Student
+from worker.models.student import Student
 from worker.teacher import E5_PREFIX, OnnxSequenceModel, OnnxTeacher, load_embedded_teacher
 from worker.teacher.build import ensure_encoder
 from worker.teacher.e5format import default_weights_path

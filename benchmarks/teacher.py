@@ -16,20 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-# Python puts this folder first on sys.path, where benchmarks/worker.py would shadow the
-# `worker` package: import the package first, then this folder's helpers.
-_HERE = str(Path(__file__).resolve().parent)
-while _HERE in sys.path:
-    sys.path.remove(_HERE)
-import worker  # noqa: F401
-
-sys.path.append(_HERE)
 from common import RESULTS, machine, median_ms, write_result
 
-from worker import evaluation
 from worker.config import Settings
-from worker.corpus import (
+from worker.data import evaluation
+from worker.data.corpora import (
     load_labelled,
     massive_files,
     read_jsonl,

@@ -1,4 +1,4 @@
-"""Failure scenarios of the worker benchmark (run by ``benchmarks/worker.py``).
+"""Failure scenarios of the worker benchmark (run by ``benchmarks/bench_worker.py``).
 
 - ``scaling``: two workers in one group split the partitions; one is SIGKILLed mid-run while
   utterances arrive at a fixed rate; every produced id must be labelled (duplicates counted).
@@ -31,9 +31,9 @@ from streams import (
     topic_ends,
 )
 
-from worker.harness import WorkerProcess, metric_sum
+from worker.dev.harness import WorkerProcess, metric_sum
+from worker.dev.services import start_redis
 from worker.schemas import DeadLetter
-from worker.services import start_redis
 from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
 
 

@@ -18,8 +18,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from worker import harness
 from worker.config import MODELS_DIR
+from worker.dev import harness
 
 
 def student_dir() -> Path:

@@ -22,6 +22,7 @@ SCHEMA_VERSION = 1
 MAX_TEXT_CHARS = 10_000  # the default of INTENT_MAX_TEXT_CHARS and the schema's maxLength
 MAX_ID_CHARS = 256
 MAX_LOCALE_CHARS = 35
+UNKNOWN_LOCALE = "und"  # BCP 47 for "undetermined": a sample or row without a locale
 
 _Enum = TypeVar("_Enum", bound=StrEnum)
 

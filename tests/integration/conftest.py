@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from worker_harness import student_dir
 
-from worker.services import EmbeddedService, start_kafka, start_redis
+from worker.dev.services import EmbeddedService, start_kafka, start_redis
 
 
 @pytest.fixture(scope="session")

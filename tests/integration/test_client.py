@@ -10,9 +10,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from worker_harness import produce
 
-from worker.client import follow_intents
+from worker.dev.client import follow_intents
+from worker.dev.services import start_kafka
 from worker.schemas import Intent
-from worker.services import create_topics, start_kafka
+from worker.stream.admin import create_topics
 from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
 
 pytestmark = pytest.mark.integration

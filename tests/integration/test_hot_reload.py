@@ -11,9 +11,10 @@ from pathlib import Path
 
 from worker_harness import WorkerProcess, consume, produce, utterance
 
-from worker.registry import Registry
+from worker.dev.services import EmbeddedService, start_kafka
+from worker.models.registry import Registry
 from worker.schemas import Intent
-from worker.services import EmbeddedService, create_topics, start_kafka
+from worker.stream.admin import create_topics
 from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
 
 

@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from worker.dataset import DatasetWriter, read_manifest
-from worker.harness import worker_env
-from worker.labelling import BufferLabeller, LabellerOptions
+from worker.dev.harness import worker_env
+from worker.dev.services import EmbeddedService
+from worker.loop.dataset import DatasetWriter, read_manifest
+from worker.loop.labelling import BufferLabeller, LabellerOptions
 from worker.schemas import BufferSample, SampleReason
-from worker.services import EmbeddedService
 from worker.teacher import OnnxTeacher
 from worker.topics import BUFFER_FIELD, buffer_dead_key, buffer_key
 

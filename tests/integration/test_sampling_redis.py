@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
-from worker.buffer import CircuitBreaker, RedisBufferSink, connect_redis
 from worker.config import Settings
-from worker.inference import predictions
-from worker.sampling import BufferCounters, Sampler, SamplingPolicy
+from worker.dev.services import EmbeddedService, start_redis
+from worker.models.student import predictions
 from worker.schemas import BufferSample, SampleReason, Utterance
-from worker.services import EmbeddedService, start_redis
+from worker.stream.buffer import CircuitBreaker, RedisBufferSink, connect_redis
+from worker.stream.sampling import BufferCounters, Sampler, SamplingPolicy
 from worker.topics import BUFFER_FIELD, buffer_key
 
 pytestmark = pytest.mark.integration

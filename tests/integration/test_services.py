@@ -9,10 +9,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from worker.config import Settings
-from worker.errors import ServiceError
-from worker.services import (
+from worker.dev.services import (
     EmbeddedService,
-    create_topics,
     ensure_services,
     free_port,
     kafka_ready,
@@ -20,6 +18,8 @@ from worker.services import (
     redis_ready,
     start_redis,
 )
+from worker.errors import ServiceError
+from worker.stream.admin import create_topics
 
 pytestmark = pytest.mark.integration
 

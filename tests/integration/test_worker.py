@@ -23,9 +23,10 @@ from redis import Redis
 from worker_harness import WorkerProcess, consume, produce, utterance
 
 from worker.config import REPO_ROOT
-from worker.harness import worker_env
+from worker.dev.harness import worker_env
+from worker.dev.services import EmbeddedService, start_kafka, start_redis
 from worker.schemas import BufferSample, DeadLetter, Intent
-from worker.services import EmbeddedService, create_topics, start_kafka, start_redis
+from worker.stream.admin import create_topics
 from worker.topics import BUFFER_FIELD, DEAD_LETTERS, INTENTS, UTTERANCES, buffer_key
 
 pytestmark = pytest.mark.integration

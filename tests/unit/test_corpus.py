@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.corpus import IntentMapping, load_labelled, require_shared_data
+from worker.data.corpora import IntentMapping, load_labelled, require_shared_data
 from worker.errors import DataError
 
 

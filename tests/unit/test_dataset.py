@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.dataset import DatasetWriter, ShardRows, dataset_labels, iter_batches, read_manifest
 from worker.errors import DataError
+from worker.loop.dataset import DatasetWriter, ShardRows, dataset_labels, iter_batches, read_manifest
 
 LABELS = ("Action", "Other", "Recall")
 
@@ -94,7 +94,7 @@ def test_two_writers_publishing_the_same_entries_keep_each_row_once(tmp_path: Pa
 
 
 def test_compaction_merges_shards_keeps_every_row_and_drops_stale_orphans(tmp_path: Path) -> None:
-    from worker.dataset import compact, stats
+    from worker.loop.dataset import compact, stats
 
     writer = DatasetWriter(tmp_path / "ds", "teacher@1", LABELS)
     for i in range(5):

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from worker.evaluation import (
+from worker.data.evaluation import (
     Comparison,
     ModelMetrics,
     Reference,

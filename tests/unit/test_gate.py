@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.gate import GoldenSet, ModelReport, Thresholds, decide
+from worker.loop.gate import GoldenSet, ModelReport, Thresholds, decide
 
 LABELS = ["Action", "Other", "Recall"]
 

@@ -16,8 +16,8 @@ import pytest
 
 from worker.config import MODELS_DIR
 from worker.errors import ModelError
-from worker.inference import Student, classify_chunked
-from worker.inference_process import StudentProcess
+from worker.models.student import Student, classify_chunked
+from worker.models.student_process import StudentProcess
 
 SHIPPED = MODELS_DIR / "student"
 TEXTS = ["set an alarm for seven", "", "what did i order yesterday", "明日の天気は", "hola " * 300, "ok"]
@@ -77,7 +77,7 @@ def test_the_child_dies_with_its_parent() -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from worker.inference_process import StudentProcess
+        from worker.models.student_process import StudentProcess
         served = StudentProcess(Path({str(SHIPPED)!r}), threads=1, rows=32)
         print("PID", served.pid, flush=True)
         time.sleep(60)

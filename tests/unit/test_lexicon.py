@@ -1,4 +1,4 @@
-"""Lexicon induction and word-by-word translation (worker.lexicon), on a hand-made embedding."""
+"""Lexicon induction and word-by-word translation (worker.loop.lexicon), on a hand-made embedding."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from worker.labelling import SourceRow
-from worker.lexicon import Lexicon, candidates, induce, lexical_variants, translate, words_of
+from worker.loop.lexicon import Lexicon, candidates, induce, lexical_variants, translate, words_of
+from worker.loop.seeding import SourceRow
 
 # Each word is a direction; translations share one, look-alikes sit close to another word's.
 VECTORS = {

@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker.buffer import MemoryBufferSink
-from worker.inference import Prediction
-from worker.metrics import WorkerMetrics
-from worker.pipeline import InputRecord, OutputRecord, Pipeline, PipelineOptions, decode_batch
-from worker.sampling import BufferCounters, DropReason, Sampler, SamplingPolicy
+from worker.models.student import Prediction
 from worker.schemas import BufferSample, DeadLetter, Intent
+from worker.stream.buffer import MemoryBufferSink
+from worker.stream.metrics import WorkerMetrics
+from worker.stream.pipeline import InputRecord, OutputRecord, Pipeline, PipelineOptions, decode_batch
+from worker.stream.sampling import BufferCounters, DropReason, Sampler, SamplingPolicy
 from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
 
 LABELS = ("Action", "Other", "Recall")

@@ -13,9 +13,9 @@ import torch
 from e5_fixture import TinyE5, reference_embedding, write_tiny_e5
 from tokenizers import Tokenizer
 
-from worker.corpus import LabelledSet
-from worker.dataset import DatasetWriter, ShardRows
-from worker.inference import Student
+from worker.data.corpora import LabelledSet
+from worker.loop.dataset import DatasetWriter, ShardRows
+from worker.models.student import Student
 from worker.teacher import E5_PREFIX
 from worker.teacher.e5format import E5File, default_weights_path
 from worker.teacher.head import HeadConfig
@@ -23,8 +23,8 @@ from worker.teacher.onnx_graph import HeadWeights
 from worker.teacher.tokenizer import build_tokenizer
 from worker.training.distil import TrainConfig, encode
 from worker.training.export import verify_parity
-from worker.training.pipeline import TrainRequest
-from worker.training.pruned import (
+from worker.training.pruned.distil import PrunedTransformer
+from worker.training.pruned.encoder import (
     build_graph,
     build_pruned_tokenizer,
     cut_encoder,
@@ -32,8 +32,8 @@ from worker.training.pruned import (
     quantise_guarded,
     run_graph,
 )
-from worker.training.pruned_distil import PrunedTransformer
-from worker.training.pruned_pipeline import HeadRecipe, PrunedInputs, train_pruned_model_dir
+from worker.training.pruned.run import HeadRecipe, PrunedInputs, train_pruned_model_dir
+from worker.training.run import TrainRequest
 from worker.training.vocab import FIRST_PIECE_ID, count_pieces
 
 LABELS = ("Action", "Other", "Recall")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import ModelError
-from worker.registry import Registry, model_version
+from worker.models.registry import Registry, model_version
 
 
 def _model(tmp_path: Path, student: Path, version: str) -> Path:

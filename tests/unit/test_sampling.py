@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from worker.buffer import CircuitBreaker, MemoryBufferSink
-from worker.sampling import (
+from worker.schemas import BufferSample, SampleReason, Utterance
+from worker.stream.buffer import CircuitBreaker, MemoryBufferSink
+from worker.stream.sampling import (
     BufferCounters,
     DuplicateFilter,
     Sampler,
@@ -22,7 +23,6 @@ from worker.sampling import (
     text_digest,
     water_level,
 )
-from worker.schemas import BufferSample, SampleReason, Utterance
 
 
 @dataclass(frozen=True)

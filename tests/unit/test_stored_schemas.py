@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 from jsonschema import Draft202012Validator
 
 from worker.config import MODELS_DIR, REPO_ROOT
-from worker.dataset import DatasetWriter, ShardRows, compact, read_manifest
-from worker.registry import Registry
+from worker.loop.dataset import DatasetWriter, ShardRows, compact, read_manifest
+from worker.models.registry import Registry
 
 
 def _validator(name: str) -> Draft202012Validator:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.tokens import pad_batch
+from worker.models.onnx import pad_batch
 
 
 def test_rows_are_right_padded_with_a_mask() -> None:

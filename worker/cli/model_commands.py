@@ -49,8 +49,8 @@ def teacher_fit(settings: Settings, args: argparse.Namespace) -> int:
 def teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from worker import evaluation
-    from worker.corpus import IntentMapping, load_labelled, shared_mapping
+    from worker.data import evaluation
+    from worker.data.corpora import IntentMapping, load_labelled, shared_mapping
     from worker.teacher import load_teacher
 
     mapping = (
@@ -87,9 +87,9 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
     """Label the development corpus (or --data files) with the teacher into a dataset."""
     from tqdm import tqdm
 
-    from worker.corpus import massive_files, require_shared_data
-    from worker.dataset import DatasetWriter
-    from worker.labelling import label_rows, rows_from_files
+    from worker.data.corpora import massive_files, require_shared_data
+    from worker.loop.dataset import DatasetWriter
+    from worker.loop.seeding import label_rows, rows_from_files
     from worker.teacher import load_teacher
 
     if args.data:
@@ -101,7 +101,7 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
     writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels)
     rows = list(rows_from_files(paths, split=args.split, with_translations=not args.no_translations))
     if args.augment:
-        from worker.augment import augment
+        from worker.loop.augment import augment
 
         donors: dict[str, list[str]] = {}
         for row in rows:
@@ -116,10 +116,10 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _translated_rows(settings: Settings, rows: list[Any], *, per_row: int, out: Path) -> list[Any]:
-    """Word-by-word translations of the English rows (:mod:`worker.lexicon`); the lexicon is kept
+    """Word-by-word translations of the English rows (:mod:`worker.loop.lexicon`); the lexicon is kept
     as ``lexicon.json`` beside the dataset."""
-    from worker.corpus import language_of
-    from worker.lexicon import UNSPACED, candidates, induce, lexical_variants
+    from worker.data.corpora import language_of
+    from worker.loop.lexicon import UNSPACED, candidates, induce, lexical_variants
     from worker.teacher import load_embedded_encoder
 
     english_rows = [row for row in rows if language_of(row.locale) == "en" and not row.id.endswith(":en")]
@@ -145,18 +145,18 @@ def _translated_rows(settings: Settings, rows: list[Any], *, per_row: int, out: 
 def train(settings: Settings, args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
-    from worker.corpus import (
+    from worker.data.corpora import (
         load_labelled,
         massive_files,
         require_shared_data,
         shared_mapping,
         xsid_files,
     )
+    from worker.models.onnx import read_labels
     from worker.teacher.build import ensure_encoder
     from worker.teacher.e5format import E5File, default_weights_path
-    from worker.teacher.runtime import read_labels
     from worker.training.distil import TrainConfig
-    from worker.training.pipeline import TrainRequest, train_model_dir
+    from worker.training.run import TrainRequest, train_model_dir
 
     e5_path = default_weights_path()
     files = ensure_encoder(settings.cache_dir, e5_path, settings.teacher_max_length)
@@ -216,7 +216,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _pruned_layers(spec: str) -> tuple[int, ...]:
-    from worker.training.pruned import parse_layers
+    from worker.training.pruned.encoder import parse_layers
 
     try:
         return parse_layers(spec, n_layers=12)
@@ -228,9 +228,9 @@ def _train_pruned(
     settings: Settings, args: argparse.Namespace, request: Any, teacher_tokenizer: Any, e5: Any, key: str
 ) -> int:
     """The pruned-transformer student: its head is refit on the teacher head's own training rows."""
-    from worker.corpus import load_labelled, massive_files, require_shared_data, shared_mapping
+    from worker.data.corpora import load_labelled, massive_files, require_shared_data, shared_mapping
     from worker.teacher import E5_PREFIX, load_embedded_encoder
-    from worker.training.pruned_pipeline import HeadRecipe, PrunedInputs, train_pruned_model_dir
+    from worker.training.pruned.run import HeadRecipe, PrunedInputs, train_pruned_model_dir
 
     shared = require_shared_data(settings.shared_data_dir)
     mapping = shared_mapping(shared)
@@ -260,7 +260,7 @@ def _train_pruned(
 
 
 def dataset_stats(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dataset import stats
+    from worker.loop.dataset import stats
 
     report = stats(args.dataset)
     if args.json:
@@ -288,11 +288,11 @@ def dataset_stats(settings: Settings, args: argparse.Namespace) -> int:
 def dataset_compact(settings: Settings, args: argparse.Namespace) -> int:
     import redis
 
-    from worker.dataset import compact
+    from worker.dev.services import find_redis
     from worker.errors import ServiceError
-    from worker.labelling import BufferLabeller
-    from worker.services import find_redis
-    from worker.store import Store
+    from worker.loop.dataset import compact
+    from worker.loop.labelling import BufferLabeller
+    from worker.loop.store import Store
 
     lock = None
     try:  # the labellers' lock too, where they run: it is what guards a dataset on an object store
@@ -308,11 +308,16 @@ def dataset_compact(settings: Settings, args: argparse.Namespace) -> int:
 
 def promote(settings: Settings, args: argparse.Namespace) -> int:
     """The gate, then (if it passes) publication in the registry; exit 3 when refused."""
-    from worker.app import initial_student
-    from worker.corpus import load_labelled, massive_files, require_shared_data, shared_mapping, xsid_files
-    from worker.gate import Thresholds, evaluate_candidate, golden_from_labelled
-    from worker.inference import Student
-    from worker.registry import Registry
+    from worker.data.corpora import (
+        load_labelled,
+        massive_files,
+        require_shared_data,
+        shared_mapping,
+        xsid_files,
+    )
+    from worker.loop.gate import Thresholds, evaluate_candidate, golden_from_labelled
+    from worker.models.registry import Registry, initial_student
+    from worker.models.student import Student
     from worker.teacher import load_teacher
 
     candidate = Student(Path(args.model_dir))
@@ -366,7 +371,7 @@ def _fmt(value: object) -> str:
 
 
 def rollback(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.registry import Registry
+    from worker.models.registry import Registry
 
     old, new = Registry(settings.registry_dir).rollback()
     say(
@@ -376,7 +381,7 @@ def rollback(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def models(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.registry import Registry
+    from worker.models.registry import Registry
 
     registry = Registry(settings.registry_dir)
     current = registry.current()

@@ -23,7 +23,7 @@ from typing import ClassVar, Self
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.config import REPO_ROOT
-from worker.services import free_port
+from worker.dev.services import free_port
 
 
 class HarnessError(RuntimeError):

@@ -9,17 +9,14 @@ When ``INTENT_KAFKA_BOOTSTRAP`` / ``INTENT_REDIS_URL`` are set, nothing is start
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,12 +27,12 @@ import structlog
 
 from worker.config import Settings
 from worker.errors import MissingExtra, ServiceError
+from worker.process import parent_death_hook
 
 log = structlog.get_logger(__name__)
 
 LOOPBACK = "127.0.0.1"
 _PORT_ATTEMPTS = 3  # a free port can be taken between our probe and the binary's bind
-_PR_SET_PDEATHSIG = 1
 
 
 def _package_binary(package: str, relative: str, distribution: str) -> Path:
@@ -66,33 +63,6 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _parent_death_hook() -> Callable[[], None] | None:
-    """A pre-exec hook so the child gets SIGTERM if we die without stopping it (Linux only).
-
-    libc is loaded here, in the parent: only the prctl system call runs between fork and exec.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return hook
-
-
-def die_with_parent(sig: signal.Signals, parent_pid: int) -> None:
-    """Have the kernel send ``sig`` to this process when its parent dies (Linux only).
-
-    For children that are not started through :func:`subprocess.Popen` (a ``multiprocessing``
-    child sets it up itself, first thing). A parent already gone by then means exit now.
-    """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def _log_tail(path: Path, limit: int = 2000) -> str:
@@ -210,7 +180,7 @@ def _start(
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=run_dir,
-                preexec_fn=_parent_death_hook(),  # only prctl runs in the child
+                preexec_fn=parent_death_hook(),  # only prctl runs in the child
                 # Not in the terminal's process group: Ctrl-C reaches the worker, which commits
                 # before it stops the services (which also die with it, by the death signal).
                 start_new_session=True,
@@ -290,44 +260,6 @@ def start_kafka(run_dir: Path, *, port: int | None = None, timeout_s: float = 15
         return kafka_ready(host, chosen)  # Tansu cannot tell its pid; _start checked the port was free
 
     return _start("tansu", "kafka", command, ready, run_dir, port, timeout_s)
-
-
-async def create_topics(
-    bootstrap: str,
-    partitions: Mapping[str, int],
-    *,
-    replication_factor: int = 1,
-    timeout_s: float = 10.0,
-) -> dict[str, int]:
-    """Create each topic with its partition count; returns every topic's actual count.
-
-    Brokers that auto-create topics (Tansu: 4 partitions) would otherwise pick the count for us.
-    A topic that already exists is kept as it is, with a warning when its count differs.
-    """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaError
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
-    try:
-        await admin.start()
-        response = await admin.create_topics(
-            [NewTopic(name, count, replication_factor) for name, count in partitions.items()],
-            timeout_ms=int(timeout_s * 1000),
-        )
-        for topic, code, message in (error[:3] for error in response.topic_errors):
-            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS
-                raise ServiceError(f"cannot create topic {topic!r} on {bootstrap}: error {code}: {message}")
-        described = await admin.describe_topics(list(partitions))
-    except KafkaError as exc:
-        raise ServiceError(f"cannot create topics {sorted(partitions)} on {bootstrap}: {exc!r}") from exc
-    finally:
-        await admin.close()
-    actual = {str(entry["topic"]): len(entry["partitions"]) for entry in described}
-    for name, wanted in partitions.items():
-        if actual.get(name) != wanted:
-            log.warning("topic_partitions_differ", topic=name, wanted=wanted, actual=actual.get(name))
-    log.info("topics_ready", bootstrap=bootstrap, partitions=actual)
-    return actual
 
 
 # -- Redis -----------------------------------------------------------------------------------------

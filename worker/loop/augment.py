@@ -18,8 +18,8 @@ import random
 import re
 from collections.abc import Iterator, Sequence
 
-from worker.corpus import language_of
-from worker.labelling import SourceRow
+from worker.data.corpora import language_of
+from worker.loop.seeding import SourceRow
 
 _PUNCT = re.compile(r"[^\w\s']", re.UNICODE)
 _POLITE = ("please", "bitte", "por favor", "s'il te plaît", "per favore", "пожалуйста", "お願い", "请")

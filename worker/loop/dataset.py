@@ -46,7 +46,7 @@ import numpy.typing as npt
 import structlog
 
 from worker.errors import DataError, MissingExtra
-from worker.store import Store, sha256_bytes
+from worker.loop.store import Store, sha256_bytes
 
 try:
     import pyarrow as pa

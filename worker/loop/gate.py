@@ -37,10 +37,10 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from worker.corpus import language_of
+from worker.data.corpora import language_of
+from worker.data.evaluation import kl_divergence, macro_f1
 from worker.errors import DataError
-from worker.evaluation import kl_divergence, macro_f1
-from worker.inference import Logits, Student, chunked_logits
+from worker.models.student import Logits, Student, chunked_logits
 
 log = structlog.get_logger(__name__)
 

@@ -1,10 +1,6 @@
-"""Labelling: run the teacher over texts and write distillation datasets.
-
-Two entry points share the dataset writer:
-
-- :func:`label_rows` seeds a dataset from JSONL files (the development corpus).
-- :class:`BufferLabeller` is the labelling job: it drains the Redis buffer the workers sample
-  into, through a consumer group so several labellers share the work.
+"""The labelling job: :class:`BufferLabeller` drains the Redis buffer the workers sample into,
+through a consumer group so several labellers share the work, and writes what the teacher
+says into a distillation dataset (seeding from files is :mod:`worker.loop.seeding`).
 
 **The job's delivery contract.** A buffer entry is acknowledged (``XACK`` + ``XDEL``, in one
 transaction) only after the shard holding it is durably written and published in the
@@ -19,13 +15,10 @@ their original bytes and the reason, and are acknowledged.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,11 +27,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from worker.corpus import read_jsonl
-from worker.dataset import Commit, DatasetWriter, ShardRows
 from worker.errors import BadInput, DataError
-from worker.sampling import UNKNOWN_LOCALE
-from worker.schemas import BufferSample
+from worker.loop.dataset import Commit, DatasetWriter, ShardRows
+from worker.loop.seeding import shard_name
+from worker.schemas import UNKNOWN_LOCALE, BufferSample
 from worker.teacher import Teacher
 from worker.topics import BUFFER_FIELD, LABELLER_GROUP, buffer_dead_key, buffer_key, dataset_lock_key
 
@@ -48,71 +40,6 @@ DEAD_STREAM_MAXLEN = 100_000
 #: The dataset lock expires this long after its holder died (a live holder renews it).
 LOCK_TIMEOUT_S = 15.0
 LOCK_WAIT_S = 600.0
-
-
-@dataclass(frozen=True)
-class SourceRow:
-    id: str
-    text: str
-    locale: str
-    source: str
-
-
-def rows_from_files(paths: Iterable[Path], split: str | None, with_translations: bool) -> Iterator[SourceRow]:
-    """Texts of ``split`` rows (rows without a split always count), plus each row's ``en``
-    translation when asked (Tatoeba pairs carry one)."""
-    for path in paths:
-        for row in read_jsonl(path):
-            if split is not None and row.get("split", split) != split:
-                continue
-            rid = str(row.get("id", ""))
-            yield SourceRow(rid, str(row["text"]), str(row.get("locale", "")), path.name)
-            if with_translations and isinstance(row.get("en"), str):
-                yield SourceRow(f"{rid}:en", str(row["en"]), "en", f"{path.name}:en")
-
-
-def shard_name(teacher: Teacher, keys: Iterable[str]) -> str:
-    """A shard's identity: the teacher that labelled it and the entries it covers."""
-    digest = hashlib.sha256(teacher.identity.encode())
-    for key in keys:
-        digest.update(key.encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()[:20]
-
-
-def label_rows(
-    teacher: Teacher,
-    rows: Iterable[SourceRow],
-    writer: DatasetWriter,
-    shard_rows: int = 8192,
-    progress: Callable[[int], None] | None = None,
-) -> int:
-    """Label ``rows`` in shards; a shard already in the dataset is skipped, not redone."""
-    iterator = iter(rows)
-    written = 0
-    while chunk := list(islice(iterator, shard_rows)):
-        name = shard_name(teacher, (f"{r.id}\0{r.text}" for r in chunk))
-        if writer.has_shard(name):
-            log.info("shard_exists", shard=name, rows=len(chunk))
-        else:
-            logits = teacher.logits([r.text for r in chunk])
-            shard = ShardRows(
-                ids=[r.id for r in chunk],
-                texts=[r.text for r in chunk],
-                locales=[r.locale for r in chunk],
-                teacher_logits=list(logits),
-                teacher_labels=[teacher.labels[int(i)] for i in np.argmax(logits, axis=1)],
-                sources=[r.source for r in chunk],
-            )
-            writer.write_shard(name, shard)
-            log.info("shard_written", shard=name, rows=len(chunk))
-        written += len(chunk)
-        if progress is not None:
-            progress(len(chunk))
-    return written
-
-
-# ---------------------------------------------------------------------------------------------
-# The labelling job on the Redis buffer.
 
 
 @dataclass(frozen=True)

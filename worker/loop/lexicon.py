@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from worker.labelling import SourceRow
+from worker.loop.seeding import SourceRow
 
 #: Languages written without spaces between words: candidates are frequent character n-grams.
 UNSPACED = frozenset({"ja", "zh", "th"})

@@ -1,13 +1,22 @@
-"""Token-id batches for the ONNX sequence models: padding and attention masks, in one place."""
+"""What every ONNX sequence model shares, teacher and students alike: session options, input
+text cleaning, label files, and token-id batches (padding and attention masks), in one place."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
+
+from worker.errors import BadInput, ModelError
 
 IdArray = npt.NDArray[np.int64]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def pad_batch(
@@ -29,3 +38,37 @@ def pad_batch(
         input_ids[r, :n] = row[:n]
         mask[r, :n] = 1
     return input_ids, mask
+
+
+def clean_text(text: object, max_chars: int) -> str:
+    """One input text, validated and normalised for a tokenizer.
+
+    A non-``str`` raises `BadInput`; the text is cut to ``max_chars`` characters, and lone
+    UTF-16 surrogates (invalid in UTF-8) become U+FFFD.
+    """
+    if not isinstance(text, str):
+        raise BadInput(f"text must be a string, got {type(text).__name__}")
+    if len(text) > max_chars:
+        text = text[:max_chars]
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def read_labels(path: Path) -> tuple[str, ...]:
+    try:
+        labels = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read label list {path}: {exc}") from exc
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ModelError(f"{path} must hold a non-empty JSON list of label names")
+    if len(set(labels)) != len(labels):
+        raise ModelError(f"{path} lists a label twice")
+    return tuple(labels)

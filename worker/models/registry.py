@@ -19,14 +19,23 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import structlog
+
+from worker.config import Settings
 from worker.errors import ModelError
-from worker.inference import REQUIRED_FILES
+
+if TYPE_CHECKING:
+    from worker.models.student import Student
+
+log = structlog.get_logger(__name__)
 
 POINTER = "current.json"
 SCHEMA_VERSION = 1
 HISTORY = 20  # previous versions kept in the pointer (rollback depth)
+# What a servable model directory holds.
+REQUIRED_FILES = ("model.onnx", "tokenizer.json", "labels.json", "card.json")
 
 
 @dataclass(frozen=True)
@@ -161,3 +170,23 @@ class Registry:
         now = Release(back.version, back.path, time.time(), action="rollback")
         self._write(now, previous)
         return Release.from_dict(raw["current"]), now
+
+
+def initial_student(settings: Settings) -> Student:
+    """The model to start with: the registry's current version, else the first previous one that
+    loads, else ``student_dir`` (a broken promotion never keeps a new worker from starting)."""
+    # Imported here: promote and rollback use the registry without loading onnxruntime.
+    from worker.models.student import Student
+
+    registry = Registry(settings.registry_dir)
+    try:
+        releases = [r for r in (registry.current(), *reversed(registry.history())) if r is not None]
+    except ModelError as exc:
+        log.error("registry_unreadable", registry=str(settings.registry_dir), error=str(exc))
+        releases = []
+    for release in releases:
+        try:
+            return Student(registry.directory(release), threads=settings.inference_threads)
+        except ModelError as exc:
+            log.error("registry_model_unusable", version=release.version, error=str(exc))
+    return Student(settings.student_dir, threads=settings.inference_threads)

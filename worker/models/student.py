@@ -19,10 +19,9 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from worker.errors import ModelError
-from worker.teacher.runtime import clean_text, read_labels, session_options
-from worker.tokens import pad_batch
+from worker.models.onnx import clean_text, pad_batch, read_labels, session_options
+from worker.models.registry import REQUIRED_FILES
 
-REQUIRED_FILES = ("model.onnx", "tokenizer.json", "labels.json", "card.json")
 Logits = npt.NDArray[np.float32]
 
 

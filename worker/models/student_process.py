@@ -5,14 +5,14 @@ on the GIL: onnxruntime and the tokenizer release it, but every return from them
 the event loop's thread lets go (up to the 5 ms switch interval), and a micro-batch makes
 about twenty such returns. Measured on 2 cores with the shipped CNN, the two threads then sat
 at about 55% each and the worker did 6,275 utterances/s; with the model in its own process the
-same worker does 9,000/s (``benchmarks/worker.py``, paths ``worker_inference_thread`` and
+same worker does 9,000/s (``benchmarks/bench_worker.py``, paths ``worker_inference_thread`` and
 ``worker``).
 
-One child per served model: a fresh interpreter (``python -m worker.inference_process``;
+One child per served model: a fresh interpreter (``python -m worker.models.student_process``;
 never a ``fork`` of the threaded worker, nor ``multiprocessing``'s spawn, which re-imports the
 parent's main module) on one end of a socket pair. It loads the model directory, answers
 ``("ready", version, labels)``, then for each list of texts sends their logits, computed in
-length-sorted chunks of ``rows`` exactly as :func:`worker.inference.chunked_logits` does
+length-sorted chunks of ``rows`` exactly as :func:`worker.models.student.chunked_logits` does
 in-process. The parent builds the predictions.
 
 Lifetime: the child runs in a session of its own and ignores SIGINT and SIGTERM (a terminal's
@@ -41,7 +41,7 @@ from typing import Any
 import structlog
 
 from worker.errors import ModelError
-from worker.inference import Logits, Prediction, predictions
+from worker.models.student import Logits, Prediction, predictions
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +57,7 @@ class StudentProcess:
         command = [
             sys.executable,
             "-m",
-            "worker.inference_process",
+            "worker.models.student_process",
             str(directory),
             str(threads),
             str(rows),
@@ -140,7 +140,7 @@ def serve(conn: Connection, directory: str, threads: int, rows: int) -> None:
     """The child: load the student, then answer requests until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from worker.inference import Student, chunked_logits
+    from worker.models.student import Student, chunked_logits
 
     try:
         student = Student(Path(directory), threads=threads)
@@ -165,8 +165,8 @@ def serve(conn: Connection, directory: str, threads: int, rows: int) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    """``python -m worker.inference_process DIRECTORY THREADS ROWS PARENT_PID FD`` (the worker runs it)."""
-    from worker.services import die_with_parent
+    """``python -m worker.models.student_process DIRECTORY THREADS ROWS PARENT_PID FD`` (the worker runs it)."""
+    from worker.process import die_with_parent
 
     directory, threads, rows, parent_pid, fd = argv
     die_with_parent(signal.SIGKILL, int(parent_pid))

@@ -1,4 +1,4 @@
-"""The Faust agent: raw ``utterances`` in micro-batches through the :mod:`worker.pipeline`.
+"""The Faust agent: raw ``utterances`` in micro-batches through the :mod:`worker.stream.pipeline`.
 
 **Raw bytes.** The agent's topic uses the ``raw`` serializers and decodes inside the
 pipeline: faust acknowledges a message it fails to deserialize before any agent sees it,
@@ -38,7 +38,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP, EventT, StreamT
 from mode import CrashingSupervisor
 
-from worker.pipeline import InputRecord, OutputRecord, Pipeline
+from worker.stream.pipeline import InputRecord, OutputRecord, Pipeline
 from worker.topics import UTTERANCES
 
 log = structlog.get_logger(__name__)
@@ -54,7 +54,7 @@ class WorkerState:
 
 
 class BatchEmitter:
-    """The pipeline's :class:`~worker.pipeline.Emitter` on the app's aiokafka producer.
+    """The pipeline's :class:`~worker.stream.pipeline.Emitter` on the app's aiokafka producer.
 
     A micro-batch's outputs go to the broker as one record batch per partition
     (``create_batch`` / ``send_batch``), keyed and partitioned exactly as a per-message

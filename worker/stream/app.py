@@ -26,18 +26,18 @@ from faust.types import TP
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from worker.agents import BatchEmitter, WorkerState, register_classifier
-from worker.buffer import RedisBufferSink
 from worker.config import Settings
 from worker.errors import ModelError, ServiceError
-from worker.inference import Student, classify_chunked
-from worker.inference_process import StudentProcess
 from worker.logging import stdlib_logging_config
-from worker.metrics import PartitionLag, WorkerCollector, WorkerMetrics, lag_by_partition
-from worker.pipeline import Classify, Pipeline, PipelineOptions
-from worker.registry import Registry, Release
-from worker.sampling import BufferCounters, Sampler, SamplingPolicy
-from worker.transport import use_fetch_wait
+from worker.models.registry import Registry, Release
+from worker.models.student import Student, classify_chunked
+from worker.models.student_process import StudentProcess
+from worker.stream.agents import BatchEmitter, WorkerState, register_classifier
+from worker.stream.buffer import RedisBufferSink
+from worker.stream.metrics import PartitionLag, WorkerCollector, WorkerMetrics, lag_by_partition
+from worker.stream.pipeline import Classify, Pipeline, PipelineOptions
+from worker.stream.sampling import BufferCounters, Sampler, SamplingPolicy
+from worker.stream.transport import use_fetch_wait
 
 log = structlog.get_logger(__name__)
 
@@ -125,7 +125,7 @@ def serve(student: Student, settings: Settings) -> tuple[Classify, str, Callable
     """How the pipeline runs ``student``: the classify callable, the version, and how to stop it.
 
     With ``inference_process`` (the default) the model runs in a child process of its own
-    (:mod:`worker.inference_process`); otherwise on the pipeline's inference thread.
+    (:mod:`worker.models.student_process`); otherwise on the pipeline's inference thread.
     """
     if settings.inference_process:
         process = StudentProcess(
@@ -138,23 +138,6 @@ def serve(student: Student, settings: Settings) -> tuple[Classify, str, Callable
             )
         return process.classify, process.version, process.close
     return partial(classify_chunked, student=student, rows=settings.inference_rows), student.version, None
-
-
-def initial_student(settings: Settings) -> Student:
-    """The model to start with: the registry's current version, else the first previous one that
-    loads, else ``student_dir`` (a broken promotion never keeps a new worker from starting)."""
-    registry = Registry(settings.registry_dir)
-    try:
-        releases = [r for r in (registry.current(), *reversed(registry.history())) if r is not None]
-    except ModelError as exc:
-        log.error("registry_unreadable", registry=str(settings.registry_dir), error=str(exc))
-        releases = []
-    for release in releases:
-        try:
-            return Student(registry.directory(release), threads=settings.inference_threads)
-        except ModelError as exc:
-            log.error("registry_model_unusable", version=release.version, error=str(exc))
-    return Student(settings.student_dir, threads=settings.inference_threads)
 
 
 def resolve_web_port(settings: Settings) -> int:

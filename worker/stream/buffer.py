@@ -23,8 +23,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from worker.config import Settings
-from worker.sampling import BufferCounters, DropReason, text_digest
 from worker.schemas import BufferSample
+from worker.stream.sampling import BufferCounters, DropReason, text_digest
 from worker.topics import BUFFER_FIELD, buffer_key, dedup_key
 
 log = structlog.get_logger(__name__)

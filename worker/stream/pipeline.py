@@ -31,12 +31,12 @@ from typing import Protocol
 
 import structlog
 
-from worker.buffer import BufferSink
 from worker.errors import BadInput
-from worker.inference import Prediction
-from worker.metrics import WorkerMetrics
-from worker.sampling import DropReason, Sampler
+from worker.models.student import Prediction
 from worker.schemas import DeadLetter, DeadLetterStage, Intent, Utterance
+from worker.stream.buffer import BufferSink
+from worker.stream.metrics import WorkerMetrics
+from worker.stream.sampling import DropReason, Sampler
 from worker.topics import DEAD_LETTERS, INTENTS
 
 log = structlog.get_logger(__name__)

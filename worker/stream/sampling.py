@@ -14,7 +14,7 @@ Three rules, applied to each classified utterance:
 3. **Duplicate suppression.** A text whose normalised form (NFKC, casefold, collapsed
    whitespace) was sampled within the window is dropped (and counted).
 
-The I/O edge (the Redis stream, the circuit breaker) is in :mod:`worker.buffer`.
+The I/O edge (the Redis stream, the circuit breaker) is in :mod:`worker.stream.buffer`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from enum import StrEnum
 from typing import Protocol
 
 from worker.config import Settings
-from worker.schemas import BufferSample, SampleReason, Utterance
+from worker.schemas import UNKNOWN_LOCALE, BufferSample, SampleReason, Utterance
 
-UNKNOWN_LOCALE = "und"  # BCP 47 for "undetermined"
 LOGIT_DECIMALS = 4  # the buffer stores logits rounded: enough for distillation, half the bytes
 
 
@@ -65,7 +64,7 @@ class BufferCounters:
 
 
 class ScoredPrediction(Protocol):
-    """What the sampler needs of a prediction (:class:`worker.inference.Prediction` has it)."""
+    """What the sampler needs of a prediction (:class:`worker.models.student.Prediction` has it)."""
 
     @property
     def label(self) -> str: ...

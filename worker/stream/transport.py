@@ -28,7 +28,7 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         if not hasattr(consumer, "_fetch_max_wait_ms"):  # read by AIOKafkaConsumer.start() for its Fetcher
             raise RuntimeError(
-                "aiokafka's consumer no longer has _fetch_max_wait_ms: update worker/transport.py"
+                "aiokafka's consumer no longer has _fetch_max_wait_ms: update worker/stream/transport.py"
             )
         consumer._fetch_max_wait_ms = getattr(transport, "fetch_max_wait_ms", consumer._fetch_max_wait_ms)
         return consumer

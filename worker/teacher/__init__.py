@@ -10,14 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from worker.config import Settings
-from worker.teacher.runtime import (
-    Logits,
-    OnnxSequenceModel,
-    OnnxTeacher,
-    Teacher,
-    clean_text,
-    read_labels,
-)
+from worker.models.onnx import read_labels
+from worker.teacher.runtime import Logits, OnnxSequenceModel, OnnxTeacher, Teacher
 
 __all__ = [
     "E5_PREFIX",
@@ -25,11 +19,9 @@ __all__ = [
     "OnnxSequenceModel",
     "OnnxTeacher",
     "Teacher",
-    "clean_text",
     "load_embedded_encoder",
     "load_embedded_teacher",
     "load_teacher",
-    "read_labels",
 ]
 
 # e5 was trained with this prefix on queries; classification uses it for every text.

@@ -19,9 +19,9 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from worker import evaluation
 from worker.config import Settings
-from worker.corpus import (
+from worker.data import evaluation
+from worker.data.corpora import (
     LabelledSet,
     load_labelled,
     massive_files,

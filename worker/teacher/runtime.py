@@ -15,7 +15,6 @@ Input handling, the same for every teacher:
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -26,12 +25,11 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from worker.errors import BadInput, ModelError
-from worker.tokens import pad_batch
+from worker.errors import ModelError
+from worker.models.onnx import clean_text, pad_batch, read_labels, session_options
 
 Logits = npt.NDArray[np.float32]
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _CHARS_PER_TOKEN = 64
 
 
@@ -49,24 +47,6 @@ class Teacher(Protocol):
     def logits(self, texts: Sequence[str]) -> Logits: ...
 
     def iter_logits(self, texts: Iterable[str], chunk_size: int = 1024) -> Iterator[Logits]: ...
-
-
-def clean_text(text: object, max_chars: int) -> str:
-    """Validate and normalise one input text (see the module docstring)."""
-    if not isinstance(text, str):
-        raise BadInput(f"text must be a string, got {type(text).__name__}")
-    if len(text) > max_chars:
-        text = text[:max_chars]
-    return _SURROGATE.sub("\ufffd", text)
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return options
 
 
 class OnnxSequenceModel:
@@ -206,15 +186,3 @@ class OnnxTeacher:
         iterator = iter(texts)
         while chunk := list(islice(iterator, chunk_size)):
             yield self._model.run(chunk)
-
-
-def read_labels(path: Path) -> tuple[str, ...]:
-    try:
-        labels = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read label list {path}: {exc}") from exc
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise ModelError(f"{path} must hold a non-empty JSON list of label names")
-    if len(set(labels)) != len(labels):
-        raise ModelError(f"{path} lists a label twice")
-    return tuple(labels)

@@ -24,8 +24,8 @@ import numpy.typing as npt
 import structlog
 from tokenizers import Tokenizer
 
-from worker.dataset import iter_batches
-from worker.tokens import pad_batch
+from worker.loop.dataset import iter_batches
+from worker.models.onnx import pad_batch
 from worker.training import require_torch
 from worker.training.students import StudentConfig, build_student
 

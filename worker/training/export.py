@@ -17,8 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from worker.teacher.runtime import session_options
-from worker.tokens import pad_batch
+from worker.models.onnx import pad_batch, session_options
 from worker.training import require_torch
 
 torch = require_torch()

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from worker.teacher.onnx_graph import HeadWeights
 from worker.training import require_torch
-from worker.training.pruned import PrunedEncoder
+from worker.training.pruned.encoder import PrunedEncoder
 
 require_torch()
 import torch  # noqa: E402

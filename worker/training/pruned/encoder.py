@@ -4,7 +4,7 @@ Two published recipes compress the teacher instead of replacing it:
 - **L2_ends**: keep layers [0, 11], prune the vocabulary, INT8; no further training (here the
   classification head is refit on the cut encoder, `PrunedMode.REFIT`).
 - **me5s**: keep 4 layers, prune the vocabulary to the corpus with a byte-fallback unigram
-  tokenizer, then distil (`PrunedMode.DISTIL`, see `worker.training.pruned_distil`).
+  tokenizer, then distil (`PrunedMode.DISTIL`, see `worker.training.pruned.distil`).
 
 This module is numpy + onnx only: it cuts the dequantised e5 weights (`cut_encoder`), builds
 the student tokenizer (`build_pruned_tokenizer`), writes the ONNX graph with the teacher's own
@@ -327,8 +327,7 @@ def run_graph(
     """One output of a pruned graph for ``texts``, batched in order of length, in input order."""
     import onnxruntime as ort
 
-    from worker.teacher.runtime import session_options
-    from worker.tokens import pad_batch
+    from worker.models.onnx import pad_batch, session_options
 
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
     session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])

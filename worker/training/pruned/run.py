@@ -34,15 +34,14 @@ import numpy.typing as npt
 import structlog
 from tokenizers import Tokenizer
 
-from worker.corpus import LabelledSet
-from worker.dataset import dataset_labels, read_manifest
+from worker.data.corpora import LabelledSet
+from worker.loop.dataset import dataset_labels, read_manifest
 from worker.teacher.e5format import E5File
 from worker.teacher.head import HeadConfig, load_head, save_head, train_head
 from worker.teacher.onnx_graph import HeadWeights
 from worker.training.distil import stream_examples
 from worker.training.export import verify_parity
-from worker.training.pipeline import MIN_INT8_AGREEMENT, TrainRequest, publish_model_dir
-from worker.training.pruned import (
+from worker.training.pruned.encoder import (
     PrunedMode,
     build_graph,
     build_pruned_tokenizer,
@@ -52,6 +51,7 @@ from worker.training.pruned import (
     run_graph,
     vocabulary_report,
 )
+from worker.training.run import MIN_INT8_AGREEMENT, TrainRequest, publish_model_dir
 from worker.training.vocab import count_pieces
 
 log = structlog.get_logger(__name__)
@@ -178,7 +178,7 @@ def train_pruned_model_dir(
 
     distillation: dict[str, Any] | None = None
     if mode is PrunedMode.DISTIL:
-        from worker.training.pruned_distil import PrunedDistilConfig, distil_pruned
+        from worker.training.pruned.distil import PrunedDistilConfig, distil_pruned
 
         distil_config = PrunedDistilConfig(
             epochs=config.epochs,

@@ -22,8 +22,8 @@ import numpy as np
 import structlog
 from tokenizers import Tokenizer
 
-from worker.corpus import LabelledSet
-from worker.dataset import dataset_labels, read_manifest
+from worker.data.corpora import LabelledSet
+from worker.loop.dataset import dataset_labels, read_manifest
 from worker.training.distil import Example, TrainConfig, split_bucket, stream_examples, train_student
 from worker.training.export import export_onnx, quantise_static, verify_parity
 from worker.training.students import StudentConfig, initial_embeddings
@@ -49,7 +49,7 @@ class TrainRequest:
     parity_texts: tuple[str, ...] = ()
     command: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
-    # arch "pruned" only (see worker.training.pruned_pipeline)
+    # arch "pruned" only (see worker.training.pruned.run)
     layers: tuple[int, ...] = ()
     mode: str = "refit"
     cosine: bool = False

@@ -1,4 +1,4 @@
-"""The ``intent-worker`` command line. Nothing imports this module.
+"""The ``intent-worker`` command line.
 
 Settings come from ``INTENT_*`` variables (see `worker.config.Settings`); thread counts and
 logging are fixed here, once, before any model loads.
@@ -17,22 +17,24 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker import cli_models
-from worker.cli_models import say
+from worker.cli import model_commands
+from worker.cli.model_commands import say
 from worker.config import Settings
 from worker.errors import WorkerError
 from worker.logging import configure_logging
 
 if TYPE_CHECKING:
-    from worker.client import Outgoing
+    from worker.dev.client import Outgoing
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     """Embedded services when not configured, the topics, then the Faust worker until SIGTERM."""
     # Before the student loads: the tokenizer's thread pool reads this once.
     os.environ.setdefault("RAYON_NUM_THREADS", str(settings.inference_threads))
-    from worker.app import build_worker, initial_student, resolve_web_port, run_worker
-    from worker.services import RunState, create_topics, ensure_services, redact_url
+    from worker.dev.services import RunState, ensure_services, redact_url
+    from worker.models.registry import initial_student
+    from worker.stream.admin import create_topics
+    from worker.stream.app import build_worker, resolve_web_port, run_worker
     from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
 
     student = initial_student(settings)  # fail before starting anything
@@ -85,8 +87,8 @@ def _input_lines(args: argparse.Namespace) -> list[str]:
 
 
 def _send(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.client import outgoing_from_lines, send_all
-    from worker.services import find_kafka
+    from worker.dev.client import outgoing_from_lines, send_all
+    from worker.dev.services import find_kafka
 
     bootstrap = find_kafka(settings)
     messages = list(outgoing_from_lines(_input_lines(args), locale=args.locale))
@@ -100,8 +102,8 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.client import outgoing_from_lines, send_all
-    from worker.services import find_kafka
+    from worker.dev.client import outgoing_from_lines, send_all
+    from worker.dev.services import find_kafka
 
     bootstrap = find_kafka(settings)
     lines = Path(args.file).read_text(encoding="utf-8").splitlines()
@@ -124,9 +126,9 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.client import describe, follow_intents
+    from worker.dev.client import describe, follow_intents
+    from worker.dev.services import find_kafka
     from worker.schemas import Intent
-    from worker.services import find_kafka
 
     bootstrap = find_kafka(settings)
 
@@ -163,10 +165,10 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
     import redis
     from prometheus_client import start_http_server
 
-    from worker.dataset import DatasetWriter
-    from worker.labelling import BufferLabeller, LabellerMetrics, LabellerOptions
-    from worker.services import find_redis
-    from worker.store import Store
+    from worker.dev.services import find_redis
+    from worker.loop.dataset import DatasetWriter
+    from worker.loop.labelling import BufferLabeller, LabellerMetrics, LabellerOptions
+    from worker.loop.store import Store
     from worker.teacher import load_teacher
 
     url = find_redis(settings)
@@ -215,10 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="teacher_command", required=True
     )
     build = teacher.add_parser("build", help="build (or verify) the cached teacher files")
-    build.set_defaults(handler=cli_models.teacher_build)
+    build.set_defaults(handler=model_commands.teacher_build)
     fit = teacher.add_parser("fit", help="train the teacher head on the shared labelled data")
     fit.add_argument("--out", default="models/teacher", help="directory for head, labels and card")
-    fit.set_defaults(handler=cli_models.teacher_fit)
+    fit.set_defaults(handler=model_commands.teacher_fit)
     ev = teacher.add_parser("eval", help="accuracy and macro-F1 of the teacher on labelled JSONL")
     ev.add_argument("--data", nargs="+", required=True, help="JSONL files with text, locale, intent|label")
     ev.add_argument("--split", default=None, help="only rows with this split (e.g. validation)")
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--exclude-ambiguous", action="store_true", help="drop intents marked ambiguous")
     ev.add_argument("--out", help="write the JSON report here")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    ev.set_defaults(handler=cli_models.teacher_eval)
+    ev.set_defaults(handler=model_commands.teacher_eval)
     corpus = commands.add_parser("corpus", help="distillation corpora").add_subparsers(
         dest="corpus_command", required=True
     )
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with a lexicon the teacher induces from the other rows' words, instead of the rows",
     )
     cb.add_argument("--quiet", action="store_true")
-    cb.set_defaults(handler=cli_models.corpus_build)
+    cb.set_defaults(handler=model_commands.corpus_build)
 
     train = commands.add_parser(
         "train", help="distil a student (cnn, bag or pruned transformer) into a model directory"
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--cosine", action="store_true", help="pruned distil: add MSE + cosine on the sentence embedding"
     )
-    train.set_defaults(handler=cli_models.train)
+    train.set_defaults(handler=model_commands.train)
 
     run = commands.add_parser(
         "run",
@@ -370,11 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds_stats = dataset.add_parser("stats", help="rows, shards, locale x label counts, drift of recent runs")
     ds_stats.add_argument("dataset", help="dataset directory or fsspec URL")
     ds_stats.add_argument("--json", action="store_true")
-    ds_stats.set_defaults(handler=cli_models.dataset_stats, timing=False)
+    ds_stats.set_defaults(handler=model_commands.dataset_stats, timing=False)
     ds_compact = dataset.add_parser("compact", help="merge small shards; remove old orphan files")
     ds_compact.add_argument("dataset", help="dataset directory or fsspec URL")
     ds_compact.add_argument("--target-rows", type=int, default=100_000, help="rows per merged shard")
-    ds_compact.set_defaults(handler=cli_models.dataset_compact)
+    ds_compact.set_defaults(handler=model_commands.dataset_compact)
 
     promote = commands.add_parser(
         "promote", help="gate a candidate against the served model; publish it to the workers if not worse"
@@ -395,11 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument(
         "--latency-budget-ms", type=float, default=None, help="accept any p50 within this budget"
     )
-    promote.set_defaults(handler=cli_models.promote)
+    promote.set_defaults(handler=model_commands.promote)
     rollback = commands.add_parser("rollback", help="serve the previously promoted model again")
-    rollback.set_defaults(handler=cli_models.rollback, timing=False)
+    rollback.set_defaults(handler=model_commands.rollback, timing=False)
     models = commands.add_parser("models", help="the promoted model the workers serve, and the ones before")
-    models.set_defaults(handler=cli_models.models, timing=False)
+    models.set_defaults(handler=model_commands.models, timing=False)
     return parser
 
 
@@ -416,7 +418,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "timing", True) and not getattr(args, "quiet", False):
         print(f"done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

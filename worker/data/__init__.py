@@ -1,0 +1,1 @@
+"""Corpora (the shared MASSIVE, xSID and Tatoeba files) and the evaluation harness."""
