@@ -240,3 +240,17 @@ def test_each_epoch_reports_its_own_time_the_total_and_a_bound_on_time_left() ->
     first, second = result.history
     assert second["elapsed_seconds"] >= first["epoch_seconds"] + second["epoch_seconds"] - 0.2
     assert first["rows_per_s"] > 0 and second["max_seconds_left"] == 0
+
+
+def test_sparse_embedding_gradients_train_and_resume(tmp_path: Path) -> None:
+    config = TrainConfig(
+        epochs=3, batch_size=4, warmup_epochs=0.0, patience=9, threads=1, sparse_embeddings=True
+    )
+    whole = _distil_tiny_bag([1.0, 0.0, -1.0], config)
+    assert whole.history[-1]["valid_loss"] < whole.history[0]["valid_loss"]
+    checkpoint = tmp_path / "train.pt"
+    _distil_tiny_bag([1.0, 0.0, -1.0], replace(config, epochs=1), checkpoint)
+    resumed = _distil_tiny_bag([1.0, 0.0, -1.0], config, checkpoint)
+    assert [e["valid_loss"] for e in resumed.history] == pytest.approx(
+        [e["valid_loss"] for e in whole.history]
+    )

@@ -294,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="multiply the learning rate by this after an epoch without improvement (1: constant)",
     )
+    train.add_argument(
+        "--sparse-embeddings",
+        action="store_true",
+        help="sparse gradients for the embedding table (SparseAdam): faster with a large vocabulary",
+    )
     train.add_argument("--threads", type=int, default=2)
     train.add_argument(
         "--layers", default="0,11", help="pruned: teacher layers to keep, e.g. 0,11 or 0,5,11 or first4"
@@ -386,12 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--golden-split", default="validation", help="rows of this split")
     promote.add_argument("--dry-run", action="store_true", help="decide, but do not publish")
     promote.add_argument(
-        "--all-locales", action="store_true", help="judge KL in every locale, not only the served languages"
+        "--all-locales",
+        action="store_true",
+        help="judge KL per locale and agreement per language in all of them, not only the served languages",
     )
     promote.add_argument("--out", help="write the gate's JSON report here")
     promote.add_argument("--max-agreement-drop", type=float, default=0.005)
     promote.add_argument("--max-f1-drop", type=float, default=0.005)
     promote.add_argument("--max-kl-growth", type=float, default=0.10, help="relative, per locale")
+    promote.add_argument(
+        "--max-language-agreement-drop",
+        type=float,
+        default=None,
+        help="per served language, when beyond chance (default: the gate's, 1 point)",
+    )
     promote.add_argument("--min-int8-parity", type=float, default=0.995)
     promote.add_argument("--max-latency-ratio", type=float, default=1.25)
     promote.add_argument(

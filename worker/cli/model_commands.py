@@ -186,6 +186,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         patience=args.patience,
         min_delta=args.min_delta,
         plateau_factor=args.plateau_factor,
+        sparse_embeddings=args.sparse_embeddings,
     )
     request = TrainRequest(
         arch=args.arch,
@@ -334,6 +335,9 @@ def promote(settings: Settings, args: argparse.Namespace) -> int:
         max_agreement_drop=args.max_agreement_drop,
         max_f1_drop=args.max_f1_drop,
         max_kl_growth=args.max_kl_growth,
+        max_language_agreement_drop=Thresholds.max_language_agreement_drop
+        if args.max_language_agreement_drop is None
+        else args.max_language_agreement_drop,
         min_int8_parity=args.min_int8_parity,
         max_latency_ratio=args.max_latency_ratio,
         latency_budget_ms=args.latency_budget_ms,
@@ -347,6 +351,14 @@ def promote(settings: Settings, args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     for check in decision.checks:
         mark = "ok  " if check.passed else "FAIL"
+        if isinstance(check.candidate, dict):  # per language: one line each, below
+            print(f"{mark} {check.name:<14} limit {_fmt(check.limit)}")
+            rows = decision.golden.get("languages", {})
+            for name in sorted(check.candidate):
+                print(
+                    f"       {name:<8} candidate {check.candidate[name]:.4f}  current {_fmt(check.current.get(name))}  rows {rows.get(name, '?')}"
+                )
+            continue
         print(
             f"{mark} {check.name:<14} candidate {_fmt(check.candidate)}  current {_fmt(check.current)}  limit {_fmt(check.limit)}"
         )
