@@ -9,6 +9,7 @@ import pytest
 
 from worker.data.corpora import IntentMapping, load_labelled, require_shared_data
 from worker.errors import DataError
+from worker.loop.seeding import rows_from_files
 
 
 def _write(path: Path, rows: list[object]) -> Path:
@@ -76,3 +77,15 @@ def test_unmapped_intent_and_bad_rows_are_data_errors(tmp_path: Path, mapping: I
 def test_missing_shared_data_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="INTENT_SHARED_DATA_DIR"):
         require_shared_data(tmp_path)
+
+
+def test_rows_from_files_takes_at_most_per_file_rows_of_each_file(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(
+                json.dumps({"id": f"{name}{i}", "locale": name, "text": f"t{i}", "en": "x"}) + "\n"
+                for i in range(5)
+            )
+        )
+    rows = list(rows_from_files([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], None, True, per_file=2))
+    assert [r.id for r in rows] == ["a0", "a0:en", "a1", "a1:en", "b0", "b0:en", "b1", "b1:en"]

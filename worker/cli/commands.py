@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--split", default="train", help="rows of this split; rows without a split always count")
     cb.add_argument("--no-translations", action="store_true", help="skip the 'en' field of translation pairs")
     cb.add_argument(
+        "--per-file", type=int, default=None, help="label at most this many rows of each file (default: all)"
+    )
+    cb.add_argument(
         "--augment",
         type=int,
         default=0,

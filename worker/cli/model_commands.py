@@ -99,7 +99,11 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
         paths = [*massive_files(shared), shared / "tatoeba" / "tatoeba.jsonl"]
     teacher = load_teacher(settings)
     writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels)
-    rows = list(rows_from_files(paths, split=args.split, with_translations=not args.no_translations))
+    rows = list(
+        rows_from_files(
+            paths, split=args.split, with_translations=not args.no_translations, per_file=args.per_file
+        )
+    )
     if args.augment:
         from worker.loop.augment import augment
 

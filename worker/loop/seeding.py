@@ -30,13 +30,20 @@ class SourceRow:
     source: str
 
 
-def rows_from_files(paths: Iterable[Path], split: str | None, with_translations: bool) -> Iterator[SourceRow]:
+def rows_from_files(
+    paths: Iterable[Path], split: str | None, with_translations: bool, per_file: int | None = None
+) -> Iterator[SourceRow]:
     """Texts of ``split`` rows (rows without a split always count), plus each row's ``en``
-    translation when asked (Tatoeba pairs carry one)."""
+    translation when asked (Tatoeba pairs carry one); at most ``per_file`` rows of each file
+    (its first ones: the shared files are shuffled), translations not counted."""
     for path in paths:
+        taken = 0
         for row in read_jsonl(path):
             if split is not None and row.get("split", split) != split:
                 continue
+            if per_file is not None and taken >= per_file:
+                break
+            taken += 1
             rid = str(row.get("id", ""))
             yield SourceRow(rid, str(row["text"]), str(row.get("locale", "")), path.name)
             if with_translations and isinstance(row.get("en"), str):
