@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -231,4 +232,59 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="Port of the /metrics and /health server; unset: 6066 if free, else a free port; 0: a free port.",
+    )
+
+    # Faults: dead letters, offsets past a log's end, health, shutdown (issue 14).
+    dlq_max_key_bytes: int = Field(
+        default=1024,
+        ge=0,
+        description="Bytes of an input's key kept in its dead letter (its own key and original_key_base64); longer keys are cut.",
+    )
+    dlq_max_message_bytes: int = Field(
+        default=900_000,
+        ge=16 * 1024,
+        description="Largest dead letter record (key + value); its original bytes are cut to fit. Keep it under the producer's 1,000,000-byte request limit.",
+    )
+    offset_reset_policy: Literal["earliest", "latest"] = Field(
+        default="earliest",
+        description="Where a partition resumes when its committed offset is past the end of its log (a broker restarted empty, a topic re-created): earliest reads all the new log holds, latest only what arrives.",
+    )
+    health_broker_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="/health answers 503 (broker_unreachable) when the broker has answered none of the worker's fetches for this long.",
+    )
+    shutdown_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Longest a stop on SIGTERM/SIGINT may take (a broker that is down makes every commit wait); then the worker exits 1 and uncommitted work is redone.",
+    )
+
+    # Connections (worker/connections.py): Kafka security, Redis TLS.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT",
+        description="How every Kafka client (worker, labeller, send/tail/replay, admin) talks to the brokers.",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="PLAIN", description="SASL mechanism, with SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="SASL username.")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL password (never logged).")
+    kafka_ssl_cafile: Path | None = Field(
+        default=None,
+        description="CA certificates that sign the brokers' certificates (SSL, SASL_SSL); unset: the system's.",
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        default=None, description="Client certificate for TLS client authentication."
+    )
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Private key of the client certificate.")
+    kafka_ssl_key_password: SecretStr | None = Field(
+        default=None, description="Password of the client key, if encrypted (never logged)."
+    )
+    redis_ssl_ca_certs: Path | None = Field(
+        default=None, description="CA certificates for a rediss:// URL (TLS); unset: the system's."
+    )
+    redis_ssl_certfile: Path | None = Field(default=None, description="Client certificate for Redis TLS.")
+    redis_ssl_keyfile: Path | None = Field(
+        default=None, description="Private key of the Redis client certificate."
     )

@@ -8,23 +8,18 @@ first. ``tests/unit/test_schemas.py`` checks that these types and the JSON Schem
 from __future__ import annotations
 
 import base64
-import json
-import math
-import re
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
-from worker.errors import BadInput
+from worker.record_fields import SCHEMA_VERSION, Fields, dumps, json_type, load_object, truncated
 
-SCHEMA_VERSION = 1
 MAX_TEXT_CHARS = 10_000  # the default of INTENT_MAX_TEXT_CHARS and the schema's maxLength
 MAX_ID_CHARS = 256
 MAX_LOCALE_CHARS = 35
 UNKNOWN_LOCALE = "und"  # BCP 47 for "undetermined": a sample or row without a locale
-
-_Enum = TypeVar("_Enum", bound=StrEnum)
 
 
 class DeadLetterStage(StrEnum):
@@ -39,181 +34,6 @@ class SampleReason(StrEnum):
 
     STRATUM = "stratum"
     UNCERTAIN = "uncertain"
-
-
-_JSON_TYPES: dict[type, str] = {
-    dict: "object",
-    list: "array",
-    str: "string",
-    bool: "boolean",
-    int: "number",
-    float: "number",
-    type(None): "null",
-}
-
-
-def _json_type(value: object) -> str:
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _dumps(record: Mapping[str, object]) -> bytes:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
-def _load_object(raw: bytes, record: str) -> dict[str, object]:
-    """Strict UTF-8 JSON object, or a :class:`BadInput` saying precisely what is wrong."""
-    try:
-        text = bytes(raw).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInput(
-            f"{record}: not valid UTF-8 ({exc.reason} at byte {exc.start})", reason="not_utf8"
-        ) from exc
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError as exc:  # the C decoder recurses once per nesting level
-        raise BadInput(f"{record}: JSON nested too deeply", reason="not_json") from exc
-    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers past the digit limit
-        raise BadInput(f"{record}: not valid JSON ({exc})", reason="not_json") from exc
-    if not isinstance(value, dict):
-        raise BadInput(
-            f"{record}: JSON {_json_type(value)} where an object was expected", reason="not_object"
-        )
-    return value
-
-
-class _Fields:
-    """Typed reads of one decoded JSON object; every failure names the record and the field."""
-
-    def __init__(self, record: str, obj: dict[str, object]) -> None:
-        self.record = record
-        self.obj = obj
-
-    def fail(self, name: str, problem: str, kind: str) -> BadInput:
-        """``kind`` is the problem's class; ``<field>_<kind>`` becomes the error's ``reason``."""
-        field_name = re.split(r"[.\[]", name, maxsplit=1)[0]  # scores.x and logits[3]: one reason each
-        return BadInput(f"{self.record}: field {name!r} {problem}", reason=f"{field_name}_{kind}")
-
-    def _get(self, name: str) -> object:
-        if name not in self.obj:
-            raise self.fail(name, "is missing", "missing")
-        value = self.obj[name]
-        if value is None:
-            raise self.fail(name, "is null", "null")
-        return value
-
-    def version(self, *, required: bool) -> int:
-        if not required and self.obj.get("schema_version") is None:
-            return SCHEMA_VERSION
-        value = self._get("schema_version")
-        if isinstance(value, bool) or value != SCHEMA_VERSION:
-            raise self.fail(
-                "schema_version", f"is {value!r}; this worker reads version {SCHEMA_VERSION}", "unsupported"
-            )
-        return SCHEMA_VERSION
-
-    def _check_str(self, name: str, value: object, *, max_len: int | None, text: bool) -> str:
-        if not isinstance(value, str):
-            raise self.fail(name, f"must be a string, not {_json_type(value)}", "wrong_type")
-        if not value:
-            raise self.fail(name, "is empty", "empty")
-        if max_len is not None and len(value) > max_len:
-            raise self.fail(name, f"has {len(value)} characters, more than the {max_len} allowed", "too_long")
-        if text and value.isspace():
-            raise self.fail(name, "is whitespace only", "empty")
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:  # "\ud800" is valid JSON but not text
-                raise self.fail(
-                    name, f"holds an unpaired surrogate at character {exc.start}", "bad_text"
-                ) from exc
-        return value
-
-    def string(self, name: str, *, max_len: int | None = None, text: bool = False) -> str:
-        """A required non-empty string; ``text`` also refuses whitespace only."""
-        return self._check_str(name, self._get(name), max_len=max_len, text=text)
-
-    def optional_string(self, name: str, *, max_len: int | None = None) -> str | None:
-        """An optional string: absent, null or empty all read as None."""
-        value = self.obj.get(name)
-        if value is None or value == "":
-            return None
-        return self._check_str(name, value, max_len=max_len, text=False)
-
-    def nullable_string(self, name: str, *, max_len: int | None = None) -> str | None:
-        """A required field that may be null (or empty, read as null)."""
-        if name not in self.obj:
-            raise self.fail(name, "is missing", "missing")
-        return self.optional_string(name, max_len=max_len)
-
-    def number(self, name: str, *, minimum: float | None = 0.0, maximum: float | None = None) -> float:
-        return self._check_number(name, self._get(name), minimum, maximum)
-
-    def optional_number(self, name: str, *, minimum: float | None = 0.0) -> float | None:
-        value = self.obj.get(name)
-        return None if value is None else self._check_number(name, value, minimum, None)
-
-    def _check_number(self, name: str, value: object, minimum: float | None, maximum: float | None) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(name, f"must be a number, not {_json_type(value)}", "wrong_type")
-        number = float(value)
-        if not math.isfinite(number):
-            raise self.fail(name, "is not finite", "out_of_range")
-        if minimum is not None and number < minimum:
-            raise self.fail(name, f"is {number}, below {minimum}", "out_of_range")
-        if maximum is not None and number > maximum:
-            raise self.fail(name, f"is {number}, above {maximum}", "out_of_range")
-        return number
-
-    def integer(self, name: str) -> int:
-        value = self._get(name)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(name, f"must be an integer, not {_json_type(value)}", "wrong_type")
-        if value < 0:
-            raise self.fail(name, f"is {value}, below 0", "out_of_range")
-        return value
-
-    def boolean(self, name: str) -> bool:
-        value = self._get(name)
-        if not isinstance(value, bool):
-            raise self.fail(name, f"must be a boolean, not {_json_type(value)}", "wrong_type")
-        return value
-
-    def scores(self, name: str) -> dict[str, float]:
-        value = self._get(name)
-        if not isinstance(value, dict) or not value:
-            raise self.fail(name, f"must be a non-empty object, not {_json_type(value)}", "wrong_type")
-        return {str(k): self._check_number(f"{name}.{k}", v, 0.0, 1.0) for k, v in value.items()}
-
-    def numbers(self, name: str) -> tuple[float, ...]:
-        value = self._get(name)
-        if not isinstance(value, list) or not value:
-            raise self.fail(name, f"must be a non-empty array, not {_json_type(value)}", "wrong_type")
-        return tuple(self._check_number(f"{name}[{i}]", v, None, None) for i, v in enumerate(value))
-
-    def metadata(self, name: str) -> dict[str, object]:
-        value = self.obj.get(name)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail(name, f"must be an object, not {_json_type(value)}", "wrong_type")
-        return value
-
-    def choice(self, name: str, enum: type[_Enum]) -> _Enum:
-        value = self._get(name)
-        if not isinstance(value, str):
-            raise self.fail(name, f"must be a string, not {_json_type(value)}", "wrong_type")
-        try:
-            return enum(value)
-        except ValueError as exc:
-            allowed = ", ".join(repr(member.value) for member in enum)
-            raise self.fail(name, f"is {value!r}, not one of {allowed}", "out_of_range") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,10 +52,10 @@ class Utterance:
     @classmethod
     def from_json_bytes(cls, raw: bytes, *, max_text_chars: int = MAX_TEXT_CHARS) -> Utterance:
         """Decode a record from the ``utterances`` topic; :class:`BadInput` says why one is refused."""
-        fields = _Fields(cls.SCHEMA, _load_object(raw, cls.SCHEMA))
+        fields = Fields(cls.SCHEMA, load_object(raw, cls.SCHEMA))
         return cls(
             schema_version=fields.version(required=False),
-            id=fields.string("id", max_len=MAX_ID_CHARS),
+            id=fields.identifier("id", max_len=MAX_ID_CHARS),
             text=fields.string("text", max_len=max_text_chars, text=True),
             locale=fields.optional_string("locale", max_len=MAX_LOCALE_CHARS),
             timestamp=fields.optional_number("timestamp"),
@@ -253,7 +73,7 @@ class Utterance:
         return record
 
     def to_json_bytes(self) -> bytes:
-        return _dumps(self.to_dict())
+        return dumps(self.to_dict())
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +93,7 @@ class Intent:
 
     @classmethod
     def from_json_bytes(cls, raw: bytes) -> Intent:
-        fields = _Fields(cls.SCHEMA, _load_object(raw, cls.SCHEMA))
+        fields = Fields(cls.SCHEMA, load_object(raw, cls.SCHEMA))
         return cls(
             schema_version=fields.version(required=True),
             id=fields.string("id", max_len=MAX_ID_CHARS),
@@ -298,16 +118,28 @@ class Intent:
         }
 
     def to_json_bytes(self) -> bytes:
-        return _dumps(self.to_dict())
+        return dumps(self.to_dict())
 
 
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+#: Defaults of INTENT_DLQ_MAX_KEY_BYTES and the longest error message a dead letter keeps.
+DLQ_MAX_KEY_BYTES = 1024
+DLQ_MAX_MESSAGE_CHARS = 2000
+#: The smallest dead letter budget that always fits the record's fixed fields.
+DLQ_MIN_RECORD_BYTES = 16 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """``dead_letter.v1``: an input that could not be processed, with its bytes and the reason."""
+    """``dead_letter.v1``: an input that could not be processed, with its bytes and the reason.
+
+    Every part that comes from the input is bounded: the value's and the key's bytes keep a
+    prefix (``*_truncated``, with the full sizes), the error message too (it may quote the
+    input), and :meth:`within` cuts the value further until the whole record fits a budget.
+    """
 
     SCHEMA: ClassVar[str] = "dead_letter.v1"
 
@@ -323,6 +155,11 @@ class DeadLetter:
     error_message: str
     timestamp: float
     schema_version: int = SCHEMA_VERSION
+    # Optional fields (added compatibly): readers of earlier letters get these defaults.
+    original_key_size: int | None = None
+    original_key_truncated: bool = False
+    error_message_size: int | None = None
+    error_message_truncated: bool = False
 
     @classmethod
     def from_failure(
@@ -337,17 +174,21 @@ class DeadLetter:
         error: BaseException,
         timestamp: float,
         max_original_bytes: int,
+        max_key_bytes: int = DLQ_MAX_KEY_BYTES,
+        max_message_chars: int = DLQ_MAX_MESSAGE_CHARS,
     ) -> DeadLetter:
         """The dead letter for ``error`` on the input at ``topic``/``partition``/``offset``.
 
         Base64 makes the bytes 4/3 larger, so a value longer than ``max_original_bytes`` keeps only
-        its prefix (flagged ``original_truncated``): the dead letter must still fit in a Kafka message.
+        its prefix (flagged ``original_truncated``), and likewise the key and the message: the dead
+        letter must still fit in a Kafka message, whatever the input.
         """
         value = original or b""
         kept = value[:max_original_bytes]
+        message = str(error)
         return cls(
             original_base64=_b64(kept),
-            original_key_base64=None if key is None else _b64(key),
+            original_key_base64=None if key is None else _b64(key[:max_key_bytes]),
             original_size=len(value),
             original_truncated=len(kept) < len(value),
             topic=topic,
@@ -355,19 +196,60 @@ class DeadLetter:
             offset=offset,
             stage=stage,
             error_type=type(error).__name__,
-            error_message=str(error),
+            error_message=truncated(message, max_message_chars),
             timestamp=timestamp,
+            original_key_size=None if key is None else len(key),
+            original_key_truncated=key is not None and len(key) > max_key_bytes,
+            error_message_size=len(message),
+            error_message_truncated=len(message) > max_message_chars,
+        )
+
+    def within(self, max_bytes: int, *, key_bytes: int = 0) -> DeadLetter:
+        """This letter with its original value cut until the record (``key_bytes`` of key plus the
+        JSON) takes at most ``max_bytes`` (at least :data:`DLQ_MIN_RECORD_BYTES`)."""
+        letter = self
+        for _ in range(8):
+            excess = len(letter.to_json_bytes()) + key_bytes - max_bytes
+            if excess <= 0:
+                return letter
+            kept = letter.original()
+            # 3 bytes are 4 base64 characters; a little more so one pass usually does.
+            cut = max(0, len(kept) - (excess * 3 + 3) // 4 - 64)
+            if cut == len(kept) == 0:
+                break
+            letter = dataclasses.replace(letter, original_base64=_b64(kept[:cut]), original_truncated=True)
+        return dataclasses.replace(
+            letter,
+            original_base64="",
+            original_truncated=letter.original_size > 0,
+            original_key_base64=None if letter.original_key_base64 is None else "",
+            original_key_truncated=letter.original_key_base64 is not None,
+            error_message=truncated(letter.error_message, 200),
+            error_message_truncated=letter.error_message_truncated or len(letter.error_message) > 200,
         )
 
     def original(self) -> bytes:
         return base64.b64decode(self.original_base64, validate=True)
 
+    def original_key(self) -> bytes | None:
+        return None if self.original_key_base64 is None else base64.b64decode(self.original_key_base64)
+
     @classmethod
     def from_json_bytes(cls, raw: bytes) -> DeadLetter:
-        fields = _Fields(cls.SCHEMA, _load_object(raw, cls.SCHEMA))
+        fields = Fields(cls.SCHEMA, load_object(raw, cls.SCHEMA))
         if "original_key_base64" not in fields.obj:
             raise fields.fail("original_key_base64", "is missing", "missing")
         key = fields.obj["original_key_base64"]
+        optional = {
+            name: fields.integer(name) if kind is int else fields.boolean(name)
+            for name, kind in (
+                ("original_key_size", int),
+                ("original_key_truncated", bool),
+                ("error_message_size", int),
+                ("error_message_truncated", bool),
+            )
+            if fields.obj.get(name) is not None
+        }
         return cls(
             schema_version=fields.version(required=True),
             # May be empty: an empty value is a bad input too.
@@ -382,6 +264,7 @@ class DeadLetter:
             error_type=fields.string("error_type"),
             error_message=_plain_string(fields, "error_message"),
             timestamp=fields.number("timestamp"),
+            **optional,  # type: ignore[arg-type]
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -398,19 +281,23 @@ class DeadLetter:
             "error_type": self.error_type,
             "error_message": self.error_message,
             "timestamp": self.timestamp,
+            "original_key_size": self.original_key_size,
+            "original_key_truncated": self.original_key_truncated,
+            "error_message_size": self.error_message_size,
+            "error_message_truncated": self.error_message_truncated,
         }
 
     def to_json_bytes(self) -> bytes:
-        return _dumps(self.to_dict())
+        return dumps(self.to_dict())
 
 
-def _plain_string(fields: _Fields, name: str) -> str:
+def _plain_string(fields: Fields, name: str) -> str:
     """A required string that may be empty (an exception's message can be)."""
     if name not in fields.obj:
         raise fields.fail(name, "is missing", "missing")
     value = fields.obj[name]
     if not isinstance(value, str):
-        raise fields.fail(name, f"must be a string, not {_json_type(value)}", "wrong_type")
+        raise fields.fail(name, f"must be a string, not {json_type(value)}", "wrong_type")
     return value
 
 
@@ -437,7 +324,7 @@ class BufferSample:
 
     @classmethod
     def from_json_bytes(cls, raw: bytes) -> BufferSample:
-        fields = _Fields(cls.SCHEMA, _load_object(raw, cls.SCHEMA))
+        fields = Fields(cls.SCHEMA, load_object(raw, cls.SCHEMA))
         return cls(
             schema_version=fields.version(required=True),
             id=fields.string("id", max_len=MAX_ID_CHARS),
@@ -474,10 +361,10 @@ class BufferSample:
         }
 
     def to_json_bytes(self) -> bytes:
-        return _dumps(self.to_dict())
+        return dumps(self.to_dict())
 
 
-def _probability(fields: _Fields, name: str) -> float:
+def _probability(fields: Fields, name: str) -> float:
     value = fields.number(name, maximum=1.0)
     if value <= 0.0:
         raise fields.fail(name, "must be above 0", "out_of_range")

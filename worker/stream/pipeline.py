@@ -33,13 +33,16 @@ import structlog
 
 from worker.errors import BadInput
 from worker.models.student import Prediction
-from worker.schemas import DeadLetter, DeadLetterStage, Intent, Utterance
+from worker.schemas import DLQ_MAX_KEY_BYTES, DeadLetter, DeadLetterStage, Intent, Utterance
 from worker.stream.buffer import BufferSink
 from worker.stream.metrics import WorkerMetrics
 from worker.stream.sampling import DropReason, Sampler
 from worker.topics import DEAD_LETTERS, INTENTS
 
 log = structlog.get_logger(__name__)
+
+#: Default of INTENT_DLQ_MAX_MESSAGE_BYTES: under the producer's 1,000,000-byte request limit.
+DLQ_MAX_RECORD_BYTES = 900_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,7 @@ class Rejected:
     record: InputRecord
     letter: DeadLetter
     reason: str
+    key: bytes | None  # the dead letter's own key: the input's, cut to INTENT_DLQ_MAX_KEY_BYTES
 
 
 @dataclass(frozen=True)
@@ -103,9 +107,20 @@ class ServedModel:
 
 
 def decode_batch(
-    records: Sequence[InputRecord], *, max_text_chars: int, max_original_bytes: int, now: float
+    records: Sequence[InputRecord],
+    *,
+    max_text_chars: int,
+    max_original_bytes: int,
+    now: float,
+    max_key_bytes: int = DLQ_MAX_KEY_BYTES,
+    max_record_bytes: int = DLQ_MAX_RECORD_BYTES,
 ) -> Decoded:
-    """Split ``records`` into utterances and dead letters (stage ``decode``)."""
+    """Split ``records`` into utterances and dead letters (stage ``decode``).
+
+    A dead letter never outgrows ``max_record_bytes`` (key + value), whatever the input's key,
+    fields or value: one that did would be refused by the producer and stop every worker that
+    meets it, on every restart (a poison pill).
+    """
     utterances: list[tuple[InputRecord, Utterance]] = []
     rejected: list[Rejected] = []
     for record in records:
@@ -126,8 +141,11 @@ def decode_batch(
                 error=exc,
                 timestamp=now,
                 max_original_bytes=max_original_bytes,
+                max_key_bytes=max_key_bytes,
             )
-            rejected.append(Rejected(record, letter, exc.reason))
+            key = None if record.key is None else record.key[:max_key_bytes]
+            letter = letter.within(max_record_bytes, key_bytes=len(key or b""))
+            rejected.append(Rejected(record, letter, exc.reason, key))
     return Decoded(utterances, rejected)
 
 
@@ -139,6 +157,8 @@ class PipelineOptions:
     max_text_chars: int = 10_000
     max_original_bytes: int = 512 * 1024
     max_pending_writes: int = 4
+    max_key_bytes: int = DLQ_MAX_KEY_BYTES
+    max_record_bytes: int = DLQ_MAX_RECORD_BYTES
 
 
 class Pipeline:
@@ -264,6 +284,8 @@ class Pipeline:
             max_text_chars=self.options.max_text_chars,
             max_original_bytes=self.options.max_original_bytes,
             now=time.time(),
+            max_key_bytes=self.options.max_key_bytes,
+            max_record_bytes=self.options.max_record_bytes,
         )
         texts = [utterance.text for _, utterance in decoded.utterances]
         predictions: list[Prediction] = []
@@ -307,7 +329,7 @@ class Pipeline:
                 reason=rejected.reason,
                 error=rejected.letter.error_message[:300],
             )
-            outputs.append(OutputRecord(DEAD_LETTERS, rejected.record.key, rejected.letter.to_json_bytes()))
+            outputs.append(OutputRecord(DEAD_LETTERS, rejected.key, rejected.letter.to_json_bytes()))
         if outputs:
             await (await self.emitter.send_many(outputs))
 
