@@ -11,6 +11,11 @@ kl_per_locale   mean KL(teacher || student) of each locale with ``min_locale_row
                 the overall agreement, F1 and KL); may
                 grow at most ``max_kl_growth`` (relative) plus ``kl_slack`` (absolute, nats),
                 unless the growth is within chance (a paired test on the locale's rows)
+agreement per   agreement with the teacher of each served language (primary subtag: ``de-DE``,
+language        ``de`` and ``de-ba`` are one language) with ``min_locale_rows`` rows; may drop at
+                most ``max_language_agreement_drop``, unless the drop is within chance (McNemar's
+                exact test on the rows where the two models disagree, one-sided 97.5%). So a
+                candidate better on average but worse in one language is refused, naming it
 int8_parity     INT8/FP32 top-label agreement of the candidate (measured when ``fp32.onnx`` is
                 beside it, else its card); at least ``min_int8_parity``
 latency         p50 of one utterance, measured interleaved with the current model; at most
@@ -26,8 +31,10 @@ tenths of a point); they are flags of ``intent-worker promote``.
 from __future__ import annotations
 
 import hashlib
+import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +52,8 @@ from worker.models.student import Logits, Student, chunked_logits
 log = structlog.get_logger(__name__)
 
 LATENCY_TEXTS = 300
+#: One-sided level of the paired tests: a growth in KL or a drop in agreement counts beyond this.
+SIGNIFICANCE = 0.025
 
 
 @dataclass(frozen=True)
@@ -54,11 +63,13 @@ class Thresholds:
     max_kl_growth: float = 0.10
     kl_slack: float = 0.005
     min_locale_rows: int = 50
+    #: Most a served language's agreement with the teacher may drop (beyond chance).
+    max_language_agreement_drop: float = 0.01
     min_int8_parity: float = 0.995
     max_latency_ratio: float = 1.25
     latency_slack_ms: float = 0.05  # sub-millisecond medians jitter by tens of microseconds
     latency_budget_ms: float | None = None
-    #: Languages (primary subtags) whose locales the per-locale KL check judges; None: every locale.
+    #: Languages (primary subtags) the per-locale KL and per-language agreement checks judge; None: all.
     languages: frozenset[str] | None = None
 
 
@@ -107,11 +118,21 @@ class ModelReport:
     int8_parity: float
     int8_parity_source: str
     latency_p50_ms: float = float("nan")
+    agreement_per_locale: dict[str, float] = field(default_factory=dict)
+    agreement_per_language: dict[str, float] = field(default_factory=dict)
     #: Per-row KL on the golden set, for the paired per-locale test (not reported).
     kl_rows: npt.NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
+    #: Per-row agreement with the teacher, for the paired per-language test (not reported).
+    agree_rows: npt.NDArray[np.bool_] | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "kl_rows"}
+        return {k: v for k, v in asdict(self).items() if k not in ("kl_rows", "agree_rows")}
+
+
+def agreement_by(agree: npt.NDArray[np.bool_], groups: Sequence[str]) -> dict[str, float]:
+    """Mean of ``agree`` per group (locale or language), groups sorted."""
+    keys = np.asarray(groups)
+    return {str(g): float(agree[keys == g].mean()) for g in sorted(set(groups))}
 
 
 @dataclass
@@ -183,7 +204,8 @@ def measure(student: Student, golden: GoldenSet) -> ModelReport:
             source,
         )
     predicted = aligned.argmax(1)
-    agreement = float(np.mean(predicted == golden.teacher_logits.argmax(1)))
+    agree = predicted == golden.teacher_logits.argmax(1)
+    agreement = float(np.mean(agree))
     has_gold = golden.gold >= 0
     f1 = (
         macro_f1(golden.gold[has_gold], predicted[has_gold], len(golden.labels))
@@ -203,7 +225,10 @@ def measure(student: Student, golden: GoldenSet) -> ModelReport:
         per_locale,
         parity,
         source,
+        agreement_per_locale=agreement_by(agree, golden.locales),
+        agreement_per_language=agreement_by(agree, [language_of(x) for x in golden.locales]),
         kl_rows=kl.astype(np.float64),
+        agree_rows=agree,
     )
 
 
@@ -282,6 +307,7 @@ def decide(candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: T
             + ", ".join(f"{k} ({v[1]} -> {v[0]})" for k, v in sorted(worse.items())),
         )
     )
+    checks.append(_language_agreement_check(candidate, current, golden, t))
     ok = bool(np.isfinite(candidate.int8_parity) and candidate.int8_parity >= t.min_int8_parity)
     checks.append(
         Check(
@@ -314,8 +340,55 @@ def decide(candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: T
         checks,
         candidate,
         current,
-        {"n": len(golden.texts), "identity": golden.identity, "locales": counts},
+        {
+            "n": len(golden.texts),
+            "identity": golden.identity,
+            "locales": counts,
+            "languages": dict(sorted(Counter(language_of(x) for x in golden.locales).items())),
+        },
     )
+
+
+def _language_agreement_check(
+    candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: Thresholds
+) -> Check:
+    """Agreement with the teacher may not fall beyond ``max_language_agreement_drop`` and chance
+    in any judged language with ``min_locale_rows`` rows."""
+    languages = np.asarray([language_of(x) for x in golden.locales])
+    fell: list[str] = []
+    for language, after in sorted(candidate.agreement_per_language.items()):
+        rows = languages == language
+        before = current.agreement_per_language.get(language)
+        if before is None or int(rows.sum()) < t.min_locale_rows:
+            continue
+        if t.languages is not None and language not in t.languages:
+            continue
+        if before - after <= t.max_language_agreement_drop + 1e-9:  # 1.0 - 0.98 > 0.02 in floats
+            continue
+        p = _mcnemar_p(candidate, current, rows)
+        if p < SIGNIFICANCE:
+            fell.append(f"{language} ({before:.1%} -> {after:.1%}, {int(rows.sum())} rows, p={p:.2g})")
+    return Check(
+        "agreement_per_language",
+        not fell,
+        candidate.agreement_per_language,
+        current.agreement_per_language,
+        f"drop <= {t.max_language_agreement_drop:.1%} or p >= {SIGNIFICANCE}",
+        "agreement with the teacher fell in " + ", ".join(fell),
+    )
+
+
+def _mcnemar_p(candidate: ModelReport, current: ModelReport, rows: npt.NDArray[np.bool_]) -> float:
+    """One-sided p-value that the candidate agrees with the teacher less often on ``rows``: the
+    same texts score both, so only the rows where exactly one of them agrees inform (McNemar's
+    exact test: of those, the ones the current model wins are Binomial(n, 1/2) under no change).
+    Without per-row values (a report from elsewhere) every drop counts: p = 0."""
+    if candidate.agree_rows is None or current.agree_rows is None:
+        return 0.0
+    lost = int(np.sum(current.agree_rows[rows] & ~candidate.agree_rows[rows]))
+    won = int(np.sum(candidate.agree_rows[rows] & ~current.agree_rows[rows]))
+    n = lost + won
+    return sum(math.comb(n, k) for k in range(lost, n + 1)) / (1 << n)
 
 
 def _significant(candidate: ModelReport, current: ModelReport, rows: npt.NDArray[np.bool_]) -> bool:
