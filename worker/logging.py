@@ -8,18 +8,31 @@ import sys
 import structlog
 
 
+def renderer(*, json_logs: bool) -> structlog.typing.Processor:
+    """JSON lines, or the console renderer: coloured only when stderr is a terminal (a file, a
+    pipe or a journal gets plain text, not ANSI escapes)."""
+    if json_logs:
+        return structlog.processors.JSONRenderer()
+    return structlog.dev.ConsoleRenderer(colors=_is_terminal(sys.stderr))
+
+
+def _is_terminal(stream: object) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:  # a closed stream
+        return False
+
+
 def configure_logging(*, json_logs: bool, level: str = "INFO") -> None:
     """JSON lines for production, a readable console renderer for development; to stderr."""
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
-    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            renderer,
+            renderer(json_logs=json_logs),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
@@ -33,9 +46,6 @@ def stdlib_logging_config(*, json_logs: bool, level: str = "INFO") -> dict[str, 
     The Faust worker installs it at start-up. Faust, mode and aiokafka are chatty at INFO about
     their own machinery; they log at WARNING and above unless ``level`` is DEBUG.
     """
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
-    )
     name = level.upper()
     libraries = name if name == "DEBUG" else "WARNING"
     return {
@@ -44,7 +54,10 @@ def stdlib_logging_config(*, json_logs: bool, level: str = "INFO") -> dict[str, 
         "formatters": {
             "structlog": {
                 "()": structlog.stdlib.ProcessorFormatter,
-                "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+                "processors": [
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    renderer(json_logs=json_logs),
+                ],
                 "foreign_pre_chain": [
                     structlog.stdlib.add_log_level,
                     structlog.stdlib.add_logger_name,

@@ -254,12 +254,14 @@ def worker_routes(run_dir: Path) -> set[str]:
     from worker.models.student import Student
     from worker.stream.app import build_worker
 
-    settings = Settings(
-        inference_process=False, web_host="127.0.0.1", run_dir=run_dir, web_port=0
-    )
+    settings = Settings(inference_process=False, web_host="127.0.0.1", run_dir=run_dir, web_port=0)
     student = Student(MODELS_DIR / "student")
     worker = build_worker(
-        settings, kafka_bootstrap="127.0.0.1:1", redis_url="redis://127.0.0.1:1/0", student=student, web_port=6066
+        settings,
+        kafka_bootstrap="127.0.0.1:1",
+        redis_url="redis://127.0.0.1:1/0",
+        student=student,
+        web_port=6066,
     )
     return {route.resource.canonical for route in worker.app.web.web_app.router.routes()}
 
