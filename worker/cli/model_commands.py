@@ -359,8 +359,10 @@ def promote(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{mark} {check.name:<14} limit {_fmt(check.limit)}")
             rows = decision.golden.get("languages", {})
             for name in sorted(check.candidate):
+                judged = thresholds.languages is None or name in thresholds.languages
+                note = "" if judged else "  (not served: not judged)"
                 print(
-                    f"       {name:<8} candidate {check.candidate[name]:.4f}  current {_fmt(check.current.get(name))}  rows {rows.get(name, '?')}"
+                    f"       {name:<8} candidate {check.candidate[name]:.4f}  current {_fmt(check.current.get(name))}  rows {rows.get(name, '?')}{note}"
                 )
             continue
         print(
