@@ -82,7 +82,14 @@ def test_unset_services_are_started_on_loopback_and_stopped(tmp_path: Path) -> N
         kafka, redis = services.embedded
         assert services.kafka_bootstrap == kafka.bootstrap and kafka.bootstrap.startswith("127.0.0.1:")
         assert services.redis_url == redis.url and redis.url.startswith("redis://127.0.0.1:")
-        assert kafka_ready(kafka.host, kafka.port) and redis_ready(redis.host, redis.port)
+        assert kafka_ready(kafka.host, kafka.port)
+        # The embedded valkey has a generated password: without it, it does not answer.
+        assert services.redis_password is not None and len(services.redis_password.get_secret_value()) >= 24
+        assert redis_ready(redis.host, redis.port, password=services.redis_password)
+        assert not redis_ready(redis.host, redis.port)
+        password = services.redis_password.get_secret_value()
+        assert password not in " ".join(redis.process.args)  # type: ignore[arg-type]  # not on its command line
+    assert password not in (tmp_path / "valkey.log").read_text()
     assert not kafka.running() and not redis.running()
     assert kafka.process.returncode == 0 and redis.process.returncode == 0  # SIGTERM was enough
     assert "listening on" in (tmp_path / "tansu.log").read_text()

@@ -345,9 +345,9 @@ def test_an_output_the_broker_refuses_stops_the_worker_and_a_restart_loses_nothi
             prefix=f"refused-{time.time_ns()}", student=student, partitions=PARTITIONS, extra=extra,
         )  # fmt: skip
 
-    # Keeping all of a 1 MB original makes its dead letter larger than the producer's request
-    # limit: the send fails, which is no bad input but an unexpected error.
-    with worker(INTENT_DLQ_MAX_ORIGINAL_BYTES="4000000") as first:
+    # Keeping all of a 1 MB original, and allowing a dead letter of 4 MB, makes it larger than the
+    # producer's request limit: the send fails, which is no bad input but an unexpected error.
+    with worker(INTENT_DLQ_MAX_ORIGINAL_BYTES="4000000", INTENT_DLQ_MAX_MESSAGE_BYTES="4000000") as first:
         assert first.process is not None
         assert first.process.wait(timeout=60) == 1  # it stops by itself, promptly
     assert "classifier_failed" in [e.get("event") for e in first.log_events()]

@@ -31,6 +31,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     """Embedded services when not configured, the topics, then the Faust worker until SIGTERM."""
     # Before the student loads: the tokenizer's thread pool reads this once.
     os.environ.setdefault("RAYON_NUM_THREADS", str(settings.inference_threads))
+    from worker.connections import RedisConnection
     from worker.dev.services import RunState, ensure_services, redact_url
     from worker.models.registry import initial_student
     from worker.stream.admin import create_topics
@@ -51,14 +52,16 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             worker = build_worker(
                 settings,
                 kafka_bootstrap=services.kafka_bootstrap,
-                redis_url=services.redis_url,
+                redis_url=RedisConnection.from_settings(
+                    settings, services.redis_url, password=services.redis_password
+                ),
                 student=student,
                 web_port=resolve_web_port(settings),
             )
             state = RunState(
                 services.kafka_bootstrap, redact_url(services.redis_url), worker.web_url, os.getpid()
             )
-            state_path = state.write(settings.run_dir)
+            state_path = state.write(settings.run_dir, redis_password=services.redis_password)
             for service in services.embedded:
                 say(f"{service.name:<7} {service.address}  (embedded; log {service.log_path})")
             if not services.embedded:
@@ -162,19 +165,18 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
     import signal
     import socket
 
-    import redis
     from prometheus_client import start_http_server
 
+    from worker.connections import redis_client
     from worker.dev.services import find_redis
     from worker.loop.dataset import DatasetWriter
     from worker.loop.labelling import BufferLabeller, LabellerMetrics, LabellerOptions
     from worker.loop.store import Store
     from worker.teacher import load_teacher
 
-    url = find_redis(settings)
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    connection = find_redis(settings)
     # Unlike the worker's fail-fast client, the job may wait on Redis (blocking reads, the lock).
-    client = redis.Redis.from_url(url, password=password, socket_timeout=30, socket_connect_timeout=5)
+    client = redis_client(connection, timeout_s=30, connect_timeout_s=5)
     location = args.data or settings.dataset_dir
     teacher = load_teacher(settings)
     lock = BufferLabeller.redis_lock(client, settings.redis_key_prefix, Store(location).canonical)
@@ -190,7 +192,10 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         start_http_server(args.metrics_port, addr=settings.web_host, registry=metrics.registry)
     labeller = BufferLabeller(client, teacher, writer, options, metrics)
-    say(f"labelling {url} stream of {settings.redis_key_prefix!r} into {location} as {options.consumer}")
+    say(
+        f"labelling {connection.describe()} stream of {settings.redis_key_prefix!r} "
+        f"into {location} as {options.consumer}"
+    )
     if args.once:
         report = labeller.run_once(max_entries=args.max_entries)
         print(json.dumps(report.to_manifest(), indent=2))

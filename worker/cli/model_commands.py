@@ -293,6 +293,7 @@ def dataset_stats(settings: Settings, args: argparse.Namespace) -> int:
 def dataset_compact(settings: Settings, args: argparse.Namespace) -> int:
     import redis
 
+    from worker.connections import redis_client
     from worker.dev.services import find_redis
     from worker.errors import ServiceError
     from worker.loop.dataset import compact
@@ -301,8 +302,7 @@ def dataset_compact(settings: Settings, args: argparse.Namespace) -> int:
 
     lock = None
     try:  # the labellers' lock too, where they run: it is what guards a dataset on an object store
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
-        client = redis.Redis.from_url(find_redis(settings), password=password, socket_timeout=30)
+        client = redis_client(find_redis(settings), timeout_s=30)
         client.ping()
         lock = BufferLabeller.redis_lock(client, settings.redis_key_prefix, Store(args.dataset).canonical)
     except (ServiceError, redis.RedisError) as exc:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
+import secrets
 import socket
 import struct
 import subprocess
@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
-from urllib.parse import urlsplit, urlunsplit
 
 import structlog
+from pydantic import SecretStr
 
 from worker.config import Settings
+from worker.connections import redact_url
 from worker.errors import MissingExtra, ServiceError
 from worker.process import parent_death_hook
 
@@ -161,8 +162,11 @@ def _start(
     run_dir: Path,
     port: int | None,
     timeout_s: float,
+    stdin: bytes | None = None,
 ) -> EmbeddedService:
-    """Run ``command(port)`` until ``ready(host, port, pid)``; retry on a new port if it was taken."""
+    """Run ``command(port)`` until ``ready(host, port, pid)``; retry on a new port if it was taken.
+
+    ``stdin``, if given, is written to the process's standard input, which is then closed."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / f"{name}.log"
     attempts = 1 if port is not None else _PORT_ATTEMPTS
@@ -176,7 +180,7 @@ def _start(
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 list(command(chosen)),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=run_dir,
@@ -186,6 +190,10 @@ def _start(
                 start_new_session=True,
             )
         service = EmbeddedService(name, scheme, process, chosen, log_path)
+        if stdin is not None and process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.write(stdin)
+            process.stdin.close()
         try:
             failure = _await_ready(service, ready, started, timeout_s)
         except BaseException:  # interrupted while waiting: never leave the child behind
@@ -287,13 +295,17 @@ def _redis_call(sock: socket.socket, *args: str) -> bytes:
     return rest[:size]
 
 
-def redis_ready(host: str, port: int, timeout_s: float = 1.0, *, pid: int | None = None) -> bool:
+def redis_ready(
+    host: str, port: int, timeout_s: float = 1.0, *, pid: int | None = None, password: SecretStr | None = None
+) -> bool:
     """Whether a Redis server answers PING (and, given ``pid``, is that process).
 
     A server still loading its data answers ``-LOADING``: not ready yet.
     """
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            if password is not None and _redis_call(sock, "AUTH", password.get_secret_value()) != b"+OK":
+                return False
             if _redis_call(sock, "PING") != b"+PONG":
                 return False
             if pid is None:
@@ -305,9 +317,17 @@ def redis_ready(host: str, port: int, timeout_s: float = 1.0, *, pid: int | None
 
 
 def start_redis(
-    run_dir: Path, *, port: int | None = None, appendonly: bool = False, timeout_s: float = 15.0
+    run_dir: Path,
+    *,
+    port: int | None = None,
+    appendonly: bool = False,
+    timeout_s: float = 15.0,
+    password: SecretStr | None = None,
 ) -> EmbeddedService:
     """Start valkey-server on loopback; logs go to ``run_dir/valkey.log``.
+
+    With ``password`` clients must authenticate; it reaches the server on its standard input
+    (a configuration read from ``-``), never on its command line, which any local user can read.
 
     By default nothing is persisted (``--save '' --appendonly no``): the buffer is a cache of
     recent traffic. ``appendonly`` keeps every acknowledged write (fsync each second) in
@@ -323,6 +343,7 @@ def start_redis(
     def command(chosen: int) -> list[str]:
         return [
             str(binary),
+            *(["-"] if password is not None else []),  # the configuration on stdin: the password
             "--bind", LOOPBACK,
             "--port", str(chosen),
             "--save", "",
@@ -333,21 +354,13 @@ def start_redis(
         ]  # fmt: skip
 
     def ready(host: str, chosen: int, pid: int) -> bool:
-        return redis_ready(host, chosen, pid=pid)
+        return redis_ready(host, chosen, pid=pid, password=password)
 
-    return _start("valkey", "redis", command, ready, run_dir, port, timeout_s)
+    config = None if password is None else f'requirepass "{password.get_secret_value()}"\n'.encode()
+    return _start("valkey", "redis", command, ready, run_dir, port, timeout_s, stdin=config)
 
 
 # -- Both ------------------------------------------------------------------------------------------
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass
@@ -357,6 +370,8 @@ class Services:
     kafka_bootstrap: str
     redis_url: str
     embedded: list[EmbeddedService] = field(default_factory=list)
+    #: The embedded valkey's generated password (None for a configured Redis: the settings hold it).
+    redis_password: SecretStr | None = None
 
     def stop(self) -> None:
         for service in reversed(self.embedded):
@@ -380,6 +395,7 @@ def ensure_services(settings: Settings, run_dir: Path | None = None) -> Services
     directory = run_dir if run_dir is not None else settings.run_dir
     timeout_s = settings.service_start_timeout_s
     embedded: list[EmbeddedService] = []
+    password: SecretStr | None = None
     try:
         if settings.kafka_bootstrap:
             kafka = settings.kafka_bootstrap
@@ -392,7 +408,11 @@ def ensure_services(settings: Settings, run_dir: Path | None = None) -> Services
             redis = settings.redis_url
             log.info("service_configured", service="redis", url=redact_url(redis))
         else:
-            service = start_redis(directory, appendonly=settings.redis_appendonly, timeout_s=timeout_s)
+            # Even on loopback: any local process could otherwise read and write the buffer.
+            password = SecretStr(secrets.token_urlsafe(24))
+            service = start_redis(
+                directory, appendonly=settings.redis_appendonly, timeout_s=timeout_s, password=password
+            )
             embedded.append(service)
             redis = service.url
     except BaseException:
@@ -400,79 +420,20 @@ def ensure_services(settings: Settings, run_dir: Path | None = None) -> Services
             with contextlib.suppress(OSError):
                 started.stop()
         raise
-    return Services(kafka_bootstrap=kafka, redis_url=redis, embedded=embedded)
+    return Services(kafka_bootstrap=kafka, redis_url=redis, embedded=embedded, redis_password=password)
 
 
-# -- The run state file: how `send`, `tail` and `replay` find what `run` started -----------------
+# The run state moved to worker.dev.run_state; these names stay importable from here.
+from worker.dev.run_state import RunState, find_kafka, find_redis  # noqa: E402
 
-STATE_FILE = "services.json"
-
-
-@dataclass(frozen=True)
-class RunState:
-    """Where a running ``intent-worker run`` put its broker, Redis and web server."""
-
-    kafka_bootstrap: str
-    redis_url: str
-    web_url: str
-    pid: int
-
-    def write(self, run_dir: Path) -> Path:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / STATE_FILE
-        partial = path.with_suffix(".tmp")
-        partial.write_text(json.dumps(self.__dict__, indent=2) + "\n")
-        partial.replace(path)
-        return path
-
-    @classmethod
-    def read(cls, run_dir: Path) -> RunState | None:
-        """The state of a live ``run`` in ``run_dir``, or None (no file, or its process is gone)."""
-        try:
-            fields = json.loads((run_dir / STATE_FILE).read_text())
-            state = cls(
-                kafka_bootstrap=str(fields["kafka_bootstrap"]),
-                redis_url=str(fields["redis_url"]),
-                web_url=str(fields["web_url"]),
-                pid=int(fields["pid"]),
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return state if _alive(state.pid) else None
-
-    def clear(self, run_dir: Path) -> None:
-        """Remove the file if it is still ours (a later ``run`` may have replaced it)."""
-        current = run_dir / STATE_FILE
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(current.read_text()).get("pid") == self.pid:
-                current.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _running(settings: Settings, service: str, variable: str) -> RunState:
-    state = RunState.read(settings.run_dir)
-    if state is None:
-        raise ServiceError(
-            f"no {service} to talk to: {variable} is unset and no `intent-worker run` is running "
-            f"with run directory {settings.run_dir}; start one (`make run`) or set {variable}"
-        )
-    return state
-
-
-def find_kafka(settings: Settings) -> str:
-    """The configured bootstrap, else that of the ``intent-worker run`` using ``settings.run_dir``."""
-    return settings.kafka_bootstrap or _running(settings, "Kafka", "INTENT_KAFKA_BOOTSTRAP").kafka_bootstrap
-
-
-def find_redis(settings: Settings) -> str:
-    """The configured Redis URL, else that of the ``intent-worker run`` using ``settings.run_dir``."""
-    return settings.redis_url or _running(settings, "Redis", "INTENT_REDIS_URL").redis_url
+__all__ = [
+    "EmbeddedService",
+    "RunState",
+    "Services",
+    "ensure_services",
+    "find_kafka",
+    "find_redis",
+    "redact_url",
+    "start_kafka",
+    "start_redis",
+]

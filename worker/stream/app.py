@@ -27,6 +27,7 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from worker.config import Settings
+from worker.connections import RedisConnection
 from worker.errors import ModelError, ServiceError
 from worker.logging import stdlib_logging_config
 from worker.models.registry import Registry, Release
@@ -191,7 +192,12 @@ def new_faust_app(
 
 
 def build_worker(
-    settings: Settings, *, kafka_bootstrap: str, redis_url: str, student: Student, web_port: int
+    settings: Settings,
+    *,
+    kafka_bootstrap: str,
+    redis_url: str | RedisConnection,
+    student: Student,
+    web_port: int,
 ) -> Worker:
     """The faust app with the classify agent, its pipeline, and the web views."""
     datadir = settings.run_dir / "faust" / settings.consumer_group

@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import structlog
+from pydantic import SecretStr
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from worker.config import Settings
+from worker.connections import RedisConnection, async_redis_client
 from worker.schemas import BufferSample
 from worker.stream.sampling import BufferCounters, DropReason, text_digest
 from worker.topics import BUFFER_FIELD, buffer_key, dedup_key
@@ -90,15 +90,9 @@ class CircuitBreaker:
 
 
 def connect_redis(url: str, *, timeout_s: float, password: str | None = None) -> Redis:
-    """A client that fails fast: short socket timeouts and no retries (the breaker decides)."""
-    return Redis.from_url(
-        url,
-        password=password,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
+    """A client that fails fast (short timeouts, no retries: the breaker decides), for ``url``."""
+    secret = None if password is None else SecretStr(password)
+    return async_redis_client(RedisConnection(url, password=secret), timeout_s=timeout_s)
 
 
 class RedisBufferSink:
@@ -134,11 +128,14 @@ class RedisBufferSink:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, url: str, *, counters: BufferCounters | None = None
+        cls, settings: Settings, redis: str | RedisConnection, *, counters: BufferCounters | None = None
     ) -> RedisBufferSink:
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        """The sink on ``redis`` (a connection, or a URL completed by the settings' password and TLS)."""
+        connection = (
+            redis if isinstance(redis, RedisConnection) else RedisConnection.from_settings(settings, redis)
+        )
         return cls(
-            connect_redis(url, timeout_s=settings.redis_timeout_s, password=password),
+            async_redis_client(connection, timeout_s=settings.redis_timeout_s),
             prefix=settings.redis_key_prefix,
             maxlen=settings.buffer_maxlen,
             timeout_s=settings.redis_timeout_s,
