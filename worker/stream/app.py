@@ -307,8 +307,17 @@ def _add_hooks(worker: Worker) -> None:
 
     async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         assigned: set[TP] = args[0]  # the signal is sent with the new assignment
+        first = state.assigned is None
         state.assigned = frozenset(assigned)
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
+        if first:  # the model loaded before the app started: the group join was the last step
+            log.info(
+                "worker_ready",
+                group=app.conf.id,
+                model_version=worker.pipeline.model_version,
+                partitions=len(assigned),
+                health=f"{worker.web_url}/health",
+            )
 
     async def on_before_shutdown(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         # Faust sends this once the consumer has drained: every delivered batch is released.
