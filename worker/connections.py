@@ -168,6 +168,11 @@ class KafkaConnection:
         return f"{self.bootstrap} ({self.security_protocol.value}{user})"
 
 
+def as_kafka(kafka: str | KafkaConnection) -> KafkaConnection:
+    """A connection for ``kafka``; a plain ``host:port,...`` string means PLAINTEXT."""
+    return kafka if isinstance(kafka, KafkaConnection) else KafkaConnection(kafka)
+
+
 @dataclass(frozen=True)
 class RedisConnection:
     """A Redis server and how to authenticate: the one Redis connection config.

@@ -31,7 +31,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     """Embedded services when not configured, the topics, then the Faust worker until SIGTERM."""
     # Before the student loads: the tokenizer's thread pool reads this once.
     os.environ.setdefault("RAYON_NUM_THREADS", str(settings.inference_threads))
-    from worker.connections import RedisConnection
+    from worker.connections import KafkaConnection, RedisConnection
     from worker.dev.services import RunState, ensure_services, redact_url
     from worker.models.registry import initial_student
     from worker.stream.admin import create_topics
@@ -46,7 +46,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         with ensure_services(settings) as services:
             loop.run_until_complete(
                 create_topics(
-                    services.kafka_bootstrap, dict.fromkeys((UTTERANCES, INTENTS, DEAD_LETTERS), partitions)
+                    KafkaConnection.from_settings(settings, services.kafka_bootstrap),
+                    dict.fromkeys((UTTERANCES, INTENTS, DEAD_LETTERS), partitions),
                 )
             )
             worker = build_worker(
@@ -91,13 +92,14 @@ def _input_lines(args: argparse.Namespace) -> list[str]:
 
 def _send(settings: Settings, args: argparse.Namespace) -> int:
     from worker.dev.client import outgoing_from_lines, send_all
-    from worker.dev.services import find_kafka
+    from worker.dev.run_state import find_kafka_connection
 
-    bootstrap = find_kafka(settings)
+    kafka = find_kafka_connection(settings)
+    bootstrap = kafka.bootstrap
     messages = list(outgoing_from_lines(_input_lines(args), locale=args.locale))
     if not messages:
         raise WorkerError("nothing to send: give texts, --file FILE, or lines on stdin")
-    sent = asyncio.run(send_all(bootstrap, messages))
+    sent = asyncio.run(send_all(kafka, messages))
     for message in messages:
         print(message.key.decode("utf-8"))
     say(f"sent {sent} utterance(s) to {bootstrap}")
@@ -106,9 +108,10 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from worker.dev.client import outgoing_from_lines, send_all
-    from worker.dev.services import find_kafka
+    from worker.dev.run_state import find_kafka_connection
 
-    bootstrap = find_kafka(settings)
+    kafka = find_kafka_connection(settings)
+    bootstrap = kafka.bootstrap
     lines = Path(args.file).read_text(encoding="utf-8").splitlines()
 
     def messages() -> Iterator[Outgoing]:
@@ -122,7 +125,7 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
                 yield message
 
     started = time.perf_counter()
-    sent = asyncio.run(send_all(bootstrap, messages(), rate=args.rate))
+    sent = asyncio.run(send_all(kafka, messages(), rate=args.rate))
     elapsed = time.perf_counter() - started
     say(f"replayed {sent} utterance(s) in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s) to {bootstrap}")
     return 0
@@ -130,10 +133,11 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:
     from worker.dev.client import describe, follow_intents
-    from worker.dev.services import find_kafka
+    from worker.dev.run_state import find_kafka_connection
     from worker.schemas import Intent
 
-    bootstrap = find_kafka(settings)
+    kafka = find_kafka_connection(settings)
+    bootstrap = kafka.bootstrap
 
     def show(intent: Intent, text: str | None, raw: bytes) -> None:
         print(raw.decode("utf-8") if args.json else describe(intent, text), flush=True)
@@ -143,7 +147,7 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a person stops tail
         asyncio.run(
             follow_intents(
-                bootstrap, show, from_beginning=args.from_beginning, count=args.count, timeout_s=args.timeout
+                kafka, show, from_beginning=args.from_beginning, count=args.count, timeout_s=args.timeout
             )
         )
     return 0

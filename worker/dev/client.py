@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from worker.connections import KafkaConnection, as_kafka
 from worker.errors import BadInput, ServiceError
 from worker.schemas import Intent, Utterance
 from worker.topics import INTENTS, UTTERANCES
@@ -70,9 +71,9 @@ def outgoing_from_lines(
         )
 
 
-def producer(bootstrap: str) -> AIOKafkaProducer:
+def producer(kafka: str | KafkaConnection) -> AIOKafkaProducer:
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **as_kafka(kafka).aiokafka_kwargs(),
         acks="all",
         linger_ms=5,
         max_batch_size=256 * 1024,
@@ -81,7 +82,7 @@ def producer(bootstrap: str) -> AIOKafkaProducer:
 
 
 async def send_all(
-    bootstrap: str,
+    kafka: str | KafkaConnection,
     messages: Iterable[Outgoing],
     *,
     rate: float = 0.0,
@@ -92,7 +93,8 @@ async def send_all(
 
     Returns how many the broker acknowledged; raises :class:`ServiceError` if it cannot.
     """
-    client = producer(bootstrap)
+    client = producer(kafka)
+    bootstrap = as_kafka(kafka).bootstrap
     sent = 0
     try:
         await client.start()
@@ -130,7 +132,7 @@ def describe(intent: Intent, text: str | None) -> str:
 
 
 async def follow_intents(
-    bootstrap: str,
+    kafka: str | KafkaConnection,
     on_intent: Callable[[Intent, str | None, bytes], None],
     *,
     from_beginning: bool = False,
@@ -147,10 +149,11 @@ async def follow_intents(
     the rest of that batch would come first. Those records lie below the first fetch's high
     watermark and carry older timestamps; on a broker that answers correctly there are none.
     """
+    bootstrap = as_kafka(kafka).bootstrap
     consumer = AIOKafkaConsumer(
         INTENTS,
         UTTERANCES,
-        bootstrap_servers=bootstrap,
+        **as_kafka(kafka).aiokafka_kwargs(),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",

@@ -6,13 +6,14 @@ from collections.abc import Mapping
 
 import structlog
 
+from worker.connections import KafkaConnection, as_kafka
 from worker.errors import ServiceError
 
 log = structlog.get_logger(__name__)
 
 
 async def create_topics(
-    bootstrap: str,
+    kafka: str | KafkaConnection,
     partitions: Mapping[str, int],
     *,
     replication_factor: int = 1,
@@ -26,7 +27,8 @@ async def create_topics(
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    bootstrap = as_kafka(kafka).bootstrap
+    admin = AIOKafkaAdminClient(**as_kafka(kafka).aiokafka_kwargs(), request_timeout_ms=int(timeout_s * 1000))
     try:
         await admin.start()
         response = await admin.create_topics(
