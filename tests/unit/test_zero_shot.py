@@ -14,7 +14,8 @@ from jsonschema import Draft202012Validator, ValidationError
 
 from worker.config import MODELS_DIR, REPO_ROOT
 from worker.errors import BadInput, ModelError
-from worker.teacher.label_set import DEFAULT_TEMPLATE, LabelSet, names_id
+from worker.models.onnx import label_names_id as names_id
+from worker.teacher.label_set import DEFAULT_TEMPLATE, LabelSet
 from worker.teacher.zero_shot import PASSAGE, QUERY, Pooling, ZeroShotConfig, ZeroShotTeacher
 
 SCHEMA = json.loads((REPO_ROOT / "schemas" / "label_set.v1.json").read_text())

@@ -4,7 +4,7 @@ A dataset is a directory (a local path, or any fsspec URL such as ``s3://bucket/
 holding ``shard-<id>.parquet`` files and ``manifest.json`` (``schemas/dataset_manifest.v1.json``)::
 
     {"dataset_version": 3, "schema_version": 1,
-     "teacher": {"id": "name@hash", "hash": "hash", "labels": [...]},
+     "teacher": {"id": "name@hash", "hash": "hash", "labels": [...], "label_set": "name@hash"},
      "shards": [{"name": ..., "file": ..., "rows": n, "sha256": ..., "written_at": t}, ...],
      "counts": {"<locale>": {"<label>": n}}, "time_range": [t0, t1],
      "runs": [{"run": ..., "rows": n, "disagreement": {"<locale>": {"n": n, "rate": r}}}, ...],
@@ -21,6 +21,11 @@ dataset's lock, so two writers racing on the same entries never both publish the
 **Concurrency.** Publication is a read-modify-write of the manifest under a lock: ``flock`` on
 a local directory, or whatever lock the caller passes (the labelling job uses a Redis lock,
 which also covers object stores).
+
+**Label sets.** A dataset holds the logits of one teacher over one label set
+(``teacher.label_set``: the teacher's label-set id; manifests written before label sets
+lack it and mean the id of their label names). A writer for another teacher or label set
+is refused, and the trainer refuses to mix datasets of different label sets.
 
 Rows (``schemas/dataset_row.v1.json``): id, text, locale, teacher_logits (list<float32>),
 teacher_label, source, weight, and optional student_logits, model_version, stratum,
@@ -46,7 +51,9 @@ import numpy.typing as npt
 import structlog
 
 from worker.errors import DataError, MissingExtra
+from worker.loop.label_sets import manifest_label_set
 from worker.loop.store import Store, sha256_bytes
+from worker.models.onnx import label_names_id
 
 try:
     import pyarrow as pa
@@ -210,9 +217,12 @@ class DatasetWriter:
         teacher_id: str,
         labels: Sequence[str],
         *,
+        label_set: str | None = None,
         lock: Lock | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``label_set``: the teacher's label-set id (default: the id of ``labels``)."""
+        label_set = label_set or label_names_id(labels)
         self.store = Store(location)
         self.location = self.store.location
         self.lock: Lock = (
@@ -225,6 +235,12 @@ class DatasetWriter:
         with self.lock():
             if self.store.exists(MANIFEST):
                 self.manifest = _parse_manifest(self.store)
+                held = manifest_label_set(self.manifest)
+                if held != label_set:
+                    raise DataError(
+                        f"{self.location} holds label set {held}, not {label_set}: a new label set "
+                        "needs a new dataset"
+                    )
                 if list(self.manifest["teacher"]["labels"]) != list(labels):
                     raise DataError(
                         f"{self.location}: dataset labels {self.manifest['teacher']['labels']} differ from {list(labels)}"
@@ -238,7 +254,12 @@ class DatasetWriter:
                 self.manifest = {
                     "dataset_version": 0,
                     "schema_version": SCHEMA_VERSION,
-                    "teacher": {"id": teacher_id, "hash": _teacher_hash(teacher_id), "labels": list(labels)},
+                    "teacher": {
+                        "id": teacher_id,
+                        "hash": _teacher_hash(teacher_id),
+                        "labels": list(labels),
+                        "label_set": label_set,
+                    },
                     "shards": [],
                     "counts": {},
                     "time_range": None,

@@ -3,6 +3,7 @@ text cleaning, label files, and token-id batches (padding and attention masks), 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -72,3 +73,10 @@ def read_labels(path: Path) -> tuple[str, ...]:
     if len(set(labels)) != len(labels):
         raise ModelError(f"{path} lists a label twice")
     return tuple(labels)
+
+
+def label_names_id(labels: Sequence[str]) -> str:
+    """The label-set id of a bare list of label names (a model with no label-set file):
+    ``labels@<12 hex of the sha256 of the JSON list>``; see `worker.teacher.label_set`."""
+    material = json.dumps(list(labels), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return f"labels@{hashlib.sha256(material).hexdigest()[:12]}"

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from worker.errors import ModelError
-from worker.models.onnx import clean_text, pad_batch, read_labels, session_options
+from worker.models.onnx import clean_text, label_names_id, pad_batch, read_labels, session_options
 from worker.models.registry import REQUIRED_FILES
 
 Logits = npt.NDArray[np.float32]
@@ -50,6 +50,16 @@ class Student:
         except ValueError as exc:
             raise ModelError(f"{directory}/card.json is not valid JSON: {exc}") from exc
         self.labels = read_labels(directory / "labels.json")
+        declared = self.card.get("label_set")
+        if declared is not None and (
+            not isinstance(declared, str) or self.card.get("labels") != list(self.labels)
+        ):
+            # A card that names its label set also lists its labels: labels.json must agree,
+            # or the directory is broken (a hand-edited or half-copied label list).
+            raise ModelError(
+                f"{directory}: labels.json {list(self.labels)} contradicts card.json "
+                f"(label_set {declared!r}, labels {self.card.get('labels')})"
+            )
         try:
             self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
             self._session = ort.InferenceSession(
@@ -74,6 +84,13 @@ class Student:
     @property
     def version(self) -> str:
         return str(self.card.get("version", self.directory.name))
+
+    @property
+    def label_set(self) -> str:
+        """The label set the student was distilled on: its card's ``label_set`` (the teacher's
+        label-set id), else the id of its label names (students older than label sets)."""
+        declared = self.card.get("label_set")
+        return declared if isinstance(declared, str) else label_names_id(self.labels)
 
     def logits(self, texts: Sequence[str]) -> Logits:
         """Raw logits for ``texts``, padded to the longest text of the batch."""

@@ -6,7 +6,8 @@ optional example utterances in any language and optional NLI hypothesis template
 hence the teacher's identity and every dataset it labels, changes with it.
 
 A teacher without a label-set file (the trained head, a user's ONNX classifier) still has a
-label set: its label names alone, with the id ``labels@<12 hex>`` (`names_id`).
+label set: its label names alone, with the id ``labels@<12 hex>``
+(`worker.models.onnx.label_names_id`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import json
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,6 @@ _LABEL_KEYS = {"name", "descriptions", "examples", "hypothesis_templates"}
 def canonical_json(value: object) -> bytes:
     """The bytes a label set's hash covers: sorted keys, no whitespace, UTF-8."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def names_id(labels: Sequence[str]) -> str:
-    """The label-set id of a bare list of label names (a teacher with no label-set file)."""
-    return f"labels@{hashlib.sha256(canonical_json(list(labels))).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)

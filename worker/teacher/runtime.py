@@ -26,8 +26,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from worker.errors import ModelError
-from worker.models.onnx import clean_text, pad_batch, read_labels, session_options
-from worker.teacher.label_set import names_id
+from worker.models.onnx import clean_text, label_names_id, pad_batch, read_labels, session_options
 
 Logits = npt.NDArray[np.float32]
 
@@ -188,7 +187,7 @@ class OnnxTeacher:
 
     @property
     def label_set_id(self) -> str:
-        return names_id(self._labels)
+        return label_names_id(self._labels)
 
     def logits(self, texts: Sequence[str]) -> Logits:
         return self._model.run(texts)

@@ -23,7 +23,9 @@ import structlog
 from tokenizers import Tokenizer
 
 from worker.data.corpora import LabelledSet
-from worker.loop.dataset import dataset_labels, read_manifest
+from worker.loop.dataset import read_manifest
+from worker.loop.label_sets import common_label_set
+from worker.models.onnx import label_names_id
 from worker.training.distil import Example, TrainConfig, split_bucket, stream_examples, train_student
 from worker.training.export import export_onnx, quantise_static, verify_parity
 from worker.training.students import StudentConfig, initial_embeddings
@@ -78,16 +80,14 @@ def train_model_dir(
     config = request.train
     if request.labelled is not None:
         labels = request.labels
+        label_set = label_names_id(labels)  # gold labels: the names are all there is
         config = replace(config, objective="ce")
         data = request.labelled
 
         def source(part: str) -> Any:
             return lambda: _labelled_examples(data, labels, part, config)
     else:
-        labels = dataset_labels(request.datasets[0])
-        for directory in request.datasets[1:]:
-            if dataset_labels(directory) != labels:
-                raise ValueError(f"{directory} has labels {dataset_labels(directory)}, not {labels}")
+        label_set, labels = common_label_set({str(d): read_manifest(d) for d in request.datasets})
 
         def source(part: str) -> Any:
             return lambda: stream_examples(request.datasets, part, config)
@@ -153,6 +153,7 @@ def train_model_dir(
         else "MSE between student and teacher logits",
         "teacher": teacher_id,
         "labels": list(labels),
+        "label_set": label_set,
         "vocabulary": {
             "size": len(vocab),
             "kept_teacher_pieces": int((vocab.teacher_ids >= 0).sum()),

@@ -35,7 +35,8 @@ import structlog
 from tokenizers import Tokenizer
 
 from worker.data.corpora import LabelledSet
-from worker.loop.dataset import dataset_labels, read_manifest
+from worker.loop.dataset import read_manifest
+from worker.loop.label_sets import common_label_set
 from worker.teacher.e5format import E5File
 from worker.teacher.head import HeadConfig, load_head, save_head, train_head
 from worker.teacher.onnx_graph import HeadWeights
@@ -134,7 +135,7 @@ def train_pruned_model_dir(
     mode = PrunedMode(request.mode)
     if not request.datasets:
         raise ValueError("the pruned student needs a distillation dataset (its vocabulary comes from it)")
-    labels = dataset_labels(request.datasets[0])
+    label_set, labels = common_label_set({str(d): read_manifest(d) for d in request.datasets})
     started = time.perf_counter()
 
     def train_rows() -> Any:
@@ -262,6 +263,7 @@ def train_pruned_model_dir(
         else "",
         "teacher": teacher_id,
         "labels": list(labels),
+        "label_set": label_set,
         "vocabulary": {
             **vocabulary_report(vocab, e5.config, len(e5.vocab.pieces)),
             "byte_fallback": True,
