@@ -24,7 +24,7 @@ from worker.errors import WorkerError
 from worker.logging import configure_logging
 
 if TYPE_CHECKING:
-    from worker.dev.client import Outgoing
+    from worker.dev.client import InputLine, Outgoing
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -82,12 +82,21 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             loop.close()
 
 
-def _input_lines(args: argparse.Namespace) -> list[str]:
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise WorkerError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _input_lines(args: argparse.Namespace) -> list[InputLine]:
+    from worker.dev.client import argument_lines, read_lines
+
     if args.texts:
-        return list(args.texts)
+        return argument_lines(args.texts)
     if args.file and args.file != "-":
-        return Path(args.file).read_text(encoding="utf-8").splitlines()
-    return sys.stdin.read().splitlines()
+        return read_lines(_read_file(args.file), args.file)
+    return read_lines(sys.stdin.buffer.read(), "stdin")
 
 
 def _send(settings: Settings, args: argparse.Namespace) -> int:
@@ -107,12 +116,12 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dev.client import outgoing_from_lines, send_all
+    from worker.dev.client import outgoing_from_lines, read_lines, send_all
     from worker.dev.run_state import find_kafka_connection
 
     kafka = find_kafka_connection(settings)
     bootstrap = kafka.bootstrap
-    lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+    lines = read_lines(_read_file(args.file), args.file)
 
     def messages() -> Iterator[Outgoing]:
         produced = 0

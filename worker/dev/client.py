@@ -40,35 +40,96 @@ def new_id() -> str:
     return f"cli-{uuid.uuid4().hex[:16]}"
 
 
+@dataclass(frozen=True, slots=True)
+class InputLine:
+    """One line of input and where it came from (``argument 2``, ``stdin line 7``), for errors."""
+
+    where: str
+    text: str
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(
+            f"{where} is not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}): utterances are "
+            "UTF-8 text; convert it first (e.g. iconv -f latin1 -t utf-8)",
+            reason="not_utf8",
+        ) from exc
+
+
+def argument_lines(texts: Iterable[str]) -> list[InputLine]:
+    """Command-line texts, one utterance each. Python hands over undecodable bytes as lone
+    surrogates (surrogateescape); they are named here instead of failing later in the encoder."""
+    lines = []
+    for number, text in enumerate(texts, 1):
+        where = f"argument {number}"
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as exc:
+            raise BadInput(f"{where} holds an unpaired surrogate at character {exc.start + 1}") from exc
+        decoded = _utf8(raw, where)
+        if not decoded.strip():
+            raise BadInput(
+                f"{where} is {'empty' if not decoded else 'whitespace only'}: an utterance needs a text "
+                "(utterance.v1 refuses an empty one, and the worker would dead-letter it as "
+                "text_empty). To see that happen, send the record itself: "
+                """echo '{"text": ""}' | intent-worker send""",
+                reason="text_empty",
+            )
+        lines.append(InputLine(where, decoded))
+    return lines
+
+
+def read_lines(raw: bytes, source: str) -> list[InputLine]:
+    """The lines of a file or of stdin, strictly UTF-8; a line that is not names itself."""
+    return [
+        InputLine(f"{source} line {number}", _utf8(line, f"{source} line {number}"))
+        for number, line in enumerate(raw.splitlines(), 1)
+    ]
+
+
+def _record_bytes(record: dict[str, object]) -> bytes:
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: keep the escape, let the worker judge
+        return json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def outgoing_from_lines(
-    lines: Iterable[str], *, locale: str | None = None, suffix: str = ""
+    lines: Iterable[InputLine | str], *, locale: str | None = None, suffix: str = ""
 ) -> Iterator[Outgoing]:
-    """One message per non-blank line: JSON objects as they are (plus an id), other lines as text."""
-    for line in lines:
-        stripped = line.strip()
+    """One message per non-blank line: JSON objects as they are (plus an id), other lines as text.
+
+    A line that starts with ``{`` is a JSON object or an error naming the line: a broken JSONL
+    line is never sent as if it were an utterance's text.
+    """
+    for number, line in enumerate(lines, 1):
+        where, text = (line.where, line.text) if isinstance(line, InputLine) else (f"line {number}", line)
+        stripped = text.strip()
         if not stripped:
             continue
-        record: dict[str, object] | None = None
-        if stripped.startswith("{"):
-            try:
-                parsed = json.loads(stripped)
-            except ValueError:
-                parsed = None
-            if isinstance(parsed, dict):
-                record = parsed
-        if record is None:
+        if not stripped.startswith("{"):
             utterance = Utterance(id=new_id(), text=stripped, locale=locale, timestamp=time.time())
             yield Outgoing(utterance.id.encode("utf-8"), utterance.to_json_bytes())
             continue
+        try:
+            record = json.loads(stripped)
+        except ValueError as exc:
+            detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            raise BadInput(
+                f"{where} starts with '{{' but is not a JSON object ({detail}); fix the line, or give "
+                'a text that starts with a brace as JSON: {"text": "{...}"}',
+                reason="not_json",
+            ) from exc
         if not isinstance(record.get("id"), str) or not record["id"]:
             record["id"] = new_id()
         record["id"] = f"{record['id']}{suffix}"
         if locale is not None and not record.get("locale"):
             record["locale"] = locale
-        yield Outgoing(
-            str(record["id"]).encode("utf-8"),
-            json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-        )
+        yield Outgoing(str(record["id"]).encode("utf-8", errors="replace"), _record_bytes(record))
 
 
 def producer(kafka: str | KafkaConnection) -> AIOKafkaProducer:
