@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from worker.cli.commands import build_parser
+from worker.cli.model_commands import teacher_eval, teacher_zero_shot
 from worker.config import MODELS_DIR, Settings
 from worker.teacher import ZeroShotTeacher, load_teacher
 
@@ -42,3 +45,39 @@ def test_a_label_set_in_the_teacher_directory_is_picked_up(settings: Settings, t
     teacher = load_teacher(settings.model_copy(update={"teacher_dir": tmp_path}))
     assert len(teacher.labels) == 18
     assert teacher.labels[int(teacher.logits(["will it snow tomorrow in Oslo"]).argmax())] == "weather"
+
+
+def test_the_zero_shot_command_scores_texts(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = MODELS_DIR / "labels" / "intents-3-examples.json"
+    args = build_parser().parse_args(
+        [
+            "teacher",
+            "zero-shot",
+            "--labels",
+            str(labels),
+            "--json",
+            "what's on my calendar friday",
+            "hi there",
+        ]
+    )
+    assert teacher_zero_shot(settings, args) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines() if line.startswith('{"text"')]
+    assert [r["label"] for r in rows] == ["Recall", "Other"]
+    assert abs(sum(rows[0]["scores"].values()) - 1) < 1e-3
+    assert "intents-3-examples@" in out.err and "1 model row(s) per text" in out.err
+
+
+def test_teacher_eval_takes_a_label_set(settings: Settings, tmp_path: Path) -> None:
+    rows = [{"id": str(i), "locale": "en", "text": t, "label": g} for i, (t, g) in enumerate(CLEAR.items())]
+    data = tmp_path / "clear.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = tmp_path / "report.json"
+    labels = MODELS_DIR / "labels" / "intents-3.json"
+    args = build_parser().parse_args(
+        ["teacher", "eval", "--labels", str(labels), "--data", str(data), "--out", str(report), "--quiet"]
+    )
+    assert teacher_eval(settings, args) == 0
+    payload = json.loads(report.read_text())
+    assert payload["label_set"].startswith("intents-3@")
+    assert payload["metrics"]["overall"]["accuracy"] == 1.0

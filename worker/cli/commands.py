@@ -193,7 +193,9 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
     location = args.data or settings.dataset_dir
     teacher = load_teacher(settings)
     lock = BufferLabeller.redis_lock(client, settings.redis_key_prefix, Store(location).canonical)
-    writer = DatasetWriter(location, teacher.identity, teacher.labels, lock=lock)
+    writer = DatasetWriter(
+        location, teacher.identity, teacher.labels, label_set=teacher.label_set_id, lock=lock
+    )
     options = LabellerOptions(
         prefix=settings.redis_key_prefix,
         group=settings.labeller_group,
@@ -246,7 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--exclude-ambiguous", action="store_true", help="drop intents marked ambiguous")
     ev.add_argument("--out", help="write the JSON report here")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.add_argument("--labels", help="a label-set file: evaluate the zero-shot teacher on it")
     ev.set_defaults(handler=model_commands.teacher_eval)
+    zs = teacher.add_parser(
+        "zero-shot",
+        help="score texts against a label-set file (e5 zero-shot, or the NLI model in INTENT_TEACHER_DIR)",
+    )
+    zs.add_argument("--labels", required=True, help="the label-set file (schemas/label_set.v1.json)")
+    zs.add_argument("texts", nargs="*", help="texts to score (default: one per line from --file or stdin)")
+    zs.add_argument("--file", help="read texts from this file, one per line")
+    zs.add_argument("--json", action="store_true", help="one JSON object per text")
+    zs.set_defaults(handler=model_commands.teacher_zero_shot)
     corpus = commands.add_parser("corpus", help="distillation corpora").add_subparsers(
         dest="corpus_command", required=True
     )

@@ -61,6 +61,8 @@ def teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
     data = load_labelled([Path(p) for p in args.data], mapping, split=args.split)
     if args.exclude_ambiguous:
         data = data.subset([not a for a in data.ambiguous])
+    if args.labels:
+        settings = settings.model_copy(update={"teacher_labels": Path(args.labels)})
     teacher = load_teacher(settings)
     chunks = []
     with tqdm(total=len(data), unit="utt", desc="teacher", disable=args.quiet) as bar:
@@ -71,6 +73,7 @@ def teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
     report = evaluation.evaluate(teacher.labels, logits, data.gold(teacher.labels), data.locales)
     payload = {
         "teacher": teacher.identity,
+        "label_set": teacher.label_set_id,
         "labels": list(teacher.labels),
         "data": [str(p) for p in args.data],
         "split": args.split,
@@ -80,6 +83,35 @@ def teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(evaluation.to_markdown(report, f"{teacher.identity} on {len(data)} utterances"))
+    return 0
+
+
+def teacher_zero_shot(settings: Settings, args: argparse.Namespace) -> int:
+    """Score texts against a label set: the loop for writing and revising descriptions."""
+    from worker.data.evaluation import softmax
+    from worker.teacher import load_teacher
+    from worker.teacher.nli import NliTeacher
+
+    texts = list(args.texts)
+    if not texts:
+        source = Path(args.file).read_text(encoding="utf-8") if args.file else sys.stdin.read()
+        texts = [line for line in source.splitlines() if line.strip()]
+    teacher = load_teacher(settings.model_copy(update={"teacher_labels": Path(args.labels)}))
+    cost = teacher.pairs_per_utterance if isinstance(teacher, NliTeacher) else 1
+    say(f"teacher {teacher.identity}, label set {teacher.label_set_id}, {cost} model row(s) per text")
+    probabilities = softmax(teacher.logits(texts)) if texts else np.zeros((0, len(teacher.labels)))
+    for text, row in zip(texts, probabilities, strict=True):
+        order = np.argsort(-row)
+        if args.json:
+            scores = {teacher.labels[i]: round(float(row[i]), 4) for i in order}
+            print(
+                json.dumps(
+                    {"text": text, "label": teacher.labels[order[0]], "scores": scores}, ensure_ascii=False
+                )
+            )
+        else:
+            ranked = "  ".join(f"{teacher.labels[i]} {row[i]:.3f}" for i in order)
+            print(f"{teacher.labels[order[0]]}\t{ranked}\t{text}")
     return 0
 
 
@@ -98,7 +130,7 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
         shared = require_shared_data(settings.shared_data_dir)
         paths = [*massive_files(shared), shared / "tatoeba" / "tatoeba.jsonl"]
     teacher = load_teacher(settings)
-    writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels)
+    writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels, label_set=teacher.label_set_id)
     rows = list(
         rows_from_files(
             paths, split=args.split, with_translations=not args.no_translations, per_file=args.per_file
