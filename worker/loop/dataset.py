@@ -199,6 +199,11 @@ def _teacher_hash(teacher_id: str) -> str:
     return teacher_id.rpartition("@")[2] if "@" in teacher_id else sha256_bytes(teacher_id.encode())[:16]
 
 
+Note = dict[str, object] | None
+#: A writer's run line for what a commit makes of its run (labelling.RunReport.to_manifest).
+RunLine = Callable[["Commit"], dict[str, object]]
+
+
 @dataclass(frozen=True)
 class Commit:
     """What publishing a shard did."""
@@ -288,8 +293,11 @@ class DatasetWriter:
         """Which of ``buffer_ids`` the dataset already holds (as of the last refresh)."""
         return [b in self._entries for b in buffer_ids]
 
-    def write_shard(self, name: str, rows: ShardRows, note: dict[str, object] | None = None) -> Commit:
-        """Write ``rows`` as shard ``name`` and publish it in the manifest (idempotent)."""
+    def write_shard(
+        self, name: str, rows: ShardRows, note: Note = None, run: RunLine | None = None
+    ) -> Commit:
+        """Write ``rows`` as shard ``name`` and publish it in the manifest (idempotent), with ``run``'s
+        line for this commit (replacing its last one): a killed run keeps a line for what it published."""
         if self.has_shard(name):
             return Commit(name, 0, 0)
         now = self.clock()
@@ -318,8 +326,9 @@ class DatasetWriter:
                     payload = _table_bytes(rows.table(now))
                     file = _shard_file(name)
                     self.store.write_atomic(file, payload)
-            self._publish(name, file, rows, payload, now, note)
-        return Commit(name, len(rows), duplicates)
+            commit = Commit(name, len(rows), duplicates)
+            self._publish(name, file, rows, payload, now, note, None if run is None else run(commit))
+        return commit
 
     def _publish(
         self,
@@ -329,8 +338,11 @@ class DatasetWriter:
         payload: bytes,
         now: float,
         note: dict[str, object] | None,
+        run: dict[str, object] | None = None,
     ) -> None:
         manifest = self.manifest
+        if run is not None:  # replaces the run's earlier line
+            manifest["runs"] = [line for line in manifest["runs"] if line.get("run") != run["run"]] + [run]
         manifest["shards"].append(
             {
                 "name": name,
@@ -360,7 +372,8 @@ class DatasetWriter:
         """Record one labelling run (its drift line) in the manifest."""
         with self.lock():
             self.manifest = _parse_manifest(self.store)
-            self.manifest["runs"].append(run)
+            runs = [line for line in self.manifest["runs"] if line.get("run") != run["run"]]
+            self.manifest["runs"] = [*runs, run]  # replaces the line published with its last shard
             self.manifest["dataset_version"] += 1
             _write_manifest(self.store, self.manifest)
 
@@ -399,95 +412,6 @@ def dataset_labels(location: str | Path) -> tuple[str, ...]:
     return tuple(read_manifest(location)["teacher"]["labels"])
 
 
-def orphans(store: Store, manifest: dict[str, Any]) -> dict[str, float]:
-    """Shard and temporary files no manifest lists, with their age in seconds."""
-    listed = {s["file"] for s in manifest["shards"]} | {r["file"] for r in manifest.get("retired", [])}
-    now = time.time()
-    return {
-        name: now - mtime
-        for name, mtime in store.files().items()
-        if name not in listed and (name.startswith("shard-") or name.startswith(".shard-"))
-    }
-
-
-def stats(location: str | Path) -> dict[str, Any]:
-    """What ``intent-worker dataset stats`` prints: sizes, counts, time range, drift, orphans."""
-    store = Store(location)
-    manifest = _parse_manifest(store)
-    counts: dict[str, dict[str, int]] = manifest["counts"]
-    labels: list[str] = manifest["teacher"]["labels"]
-    totals = {label: sum(c.get(label, 0) for c in counts.values()) for label in labels}
-    return {
-        "location": store.location,
-        "dataset_version": manifest["dataset_version"],
-        "teacher": manifest["teacher"],
-        "rows": sum(int(s["rows"]) for s in manifest["shards"]),
-        "shards": len(manifest["shards"]),
-        "time_range": manifest["time_range"],
-        "per_label": totals,
-        "per_locale": {locale: dict(sorted(c.items())) for locale, c in sorted(counts.items())},
-        "runs": manifest["runs"][-5:],
-        "orphans": sorted(orphans(store, manifest)),
-    }
-
-
-def compact(
-    location: str | Path,
-    *,
-    target_rows: int = 100_000,
-    lock: Lock | None = None,
-    grace_s: float = ORPHAN_GRACE_S,
-) -> dict[str, int]:
-    """Merge runs of small shards into shards of about ``target_rows``; drop old orphans.
-
-    The new shards are written first, then the manifest is swapped in one atomic write, and only
-    then are the old files deleted: a crash at any point leaves a consistent dataset.
-    """
-    store = Store(location)
-    with (store.default_lock if lock is None else partial(_both, lock, store.default_lock))():
-        manifest = _parse_manifest(store)
-        groups: list[list[dict[str, Any]]] = [[]]
-        for shard in manifest["shards"]:
-            if groups[-1] and sum(s["rows"] for s in groups[-1]) + shard["rows"] > target_rows:
-                groups.append([])
-            groups[-1].append(shard)
-        merged: list[dict[str, Any]] = []
-        retired: list[str] = []
-        for group in groups:
-            if len(group) < 2:
-                merged.extend(group)
-                continue
-            table = pa.concat_tables([_read_shard(store, shard) for shard in group])
-            name = sha256_bytes(":".join(s["name"] for s in group).encode())[:20]
-            payload = _table_bytes(table)
-            file = _shard_file(name)
-            store.write_atomic(file, payload)
-            merged.append(
-                {
-                    "name": name,
-                    "file": file,
-                    "rows": table.num_rows,
-                    "sha256": sha256_bytes(payload),
-                    "written_at": time.time(),
-                    "compacted_from": [s["name"] for s in group],
-                }
-            )
-            retired.extend(s["file"] for s in group)
-        before = len(manifest["shards"])
-        now = time.time()
-        # Retired shards stay a grace period: a reader that read the old manifest may still open them.
-        manifest["retired"] = [r for r in manifest["retired"] if now - r["at"] < grace_s] + [
-            {"file": f, "at": now} for f in retired
-        ]
-        manifest["shards"] = merged
-        manifest["dataset_version"] += 1
-        _write_manifest(store, manifest)
-        stale = [name for name, age in orphans(store, manifest).items() if age >= grace_s]
-        for name in stale:
-            store.delete(name)
-    return {"shards_before": before, "shards_after": len(merged), "orphans_removed": len(stale)}
-
-
 def _read_shard(store: Store, shard: dict[str, Any]) -> pa.Table:
     """A whole shard in :data:`SCHEMA`; columns added since it was written come back as nulls."""
     with store.open(shard["file"]) as fh:
@@ -496,3 +420,13 @@ def _read_shard(store: Store, shard: dict[str, Any]) -> pa.Table:
         if column.name not in table.column_names:
             table = table.append_column(column, pa.nulls(table.num_rows, column.type))
     return table.select(SCHEMA.names).cast(SCHEMA)
+
+
+def __getattr__(name: str) -> Any:
+    """``stats``, ``compact`` and ``orphans`` live in :mod:`worker.loop.compaction` (imported late:
+    it builds on this module)."""
+    if name in ("compact", "orphans", "stats"):
+        from worker.loop import compaction
+
+        return getattr(compaction, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,9 +15,10 @@ their original bytes and the reason, and are acknowledged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,14 @@ class RunReport:
         default_factory=lambda: dict.fromkeys(("redis", "decode", "teacher", "write"), 0.0)
     )
     disagreement: dict[str, list[int]] = field(default_factory=dict)  # locale -> [n, disagreements]
+    #: False in the line published with each shard (what a run that is killed leaves), True at its end.
+    complete: bool = False
+
+    def tally(self, locales: Iterable[str], disagrees: Iterable[bool]) -> None:
+        for locale, differs in zip(locales, disagrees, strict=True):
+            counts = self.disagreement.setdefault(locale, [0, 0])
+            counts[0] += 1
+            counts[1] += differs
 
     def to_manifest(self) -> dict[str, object]:
         total = [sum(v[0] for v in self.disagreement.values()), sum(v[1] for v in self.disagreement.values())]
@@ -87,6 +96,7 @@ class RunReport:
             "trimmed": self.trimmed,
             "claimed": self.claimed,
             "shards": self.shards,
+            "complete": self.complete,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
             "disagreement": {
                 locale: {"n": n, "rate": round(d / n, 4) if n else 0.0}
@@ -305,7 +315,27 @@ class BufferLabeller:
                 sampled_at=[s.timestamp for _, s in fresh],
             )
             name = shard_name(self.teacher, (eid for eid, _ in fresh))
-            commit = self.writer.write_shard(name, rows)
+            locales = [sample.locale or UNKNOWN_LOCALE for _, sample in fresh]
+            disagrees = [
+                sample.label != label for (_, sample), label in zip(fresh, teacher_labels, strict=True)
+            ]
+
+            def run_line(commit: Commit) -> dict[str, object]:
+                """The run so far, published with the shard itself: a run killed after this point
+                still has a line (``complete: false``) counting the rows it published."""
+                line = dataclasses.replace(
+                    report,
+                    entries=report.entries + len(entries),
+                    rows=report.rows + commit.rows,
+                    shards=[*report.shards, *([commit.name] if commit.rows else [])],
+                    finished=self.clock(),
+                    disagreement={k: list(v) for k, v in report.disagreement.items()},
+                )
+                if commit.rows == len(fresh):
+                    line.tally(locales, disagrees)
+                return line.to_manifest()
+
+            commit = self.writer.write_shard(name, rows, run=run_line)
             report.seconds["write"] += time.perf_counter() - labelled
             report.rows += commit.rows
             report.duplicates += commit.duplicates
@@ -313,11 +343,8 @@ class BufferLabeller:
                 report.shards.append(commit.name)
             self.metrics.entries.labels("labelled").inc(commit.rows)
             self.metrics.entries.labels("duplicate").inc(commit.duplicates)
-            published = commit.rows == len(fresh)  # else a racing writer had some: skip the tally
-            for (_, sample), teacher_label in zip(fresh if published else [], teacher_labels, strict=False):
-                tally = report.disagreement.setdefault(sample.locale or UNKNOWN_LOCALE, [0, 0])
-                tally[0] += 1
-                tally[1] += sample.label != teacher_label
+            if commit.rows == len(fresh):  # else a racing writer had some: skip the tally
+                report.tally(locales, disagrees)
         acked = time.perf_counter()
         self._acknowledge([e.id for e in entries])
         report.seconds["redis"] += time.perf_counter() - acked
@@ -360,6 +387,7 @@ class BufferLabeller:
                 log.info("entries_claimed", n=claimed, idle_s=self.options.claim_idle_s)
             self.process(entries, report)
         report.finished = self.clock()
+        report.complete = True
         for stage, seconds in report.seconds.items():
             self.metrics.stage_seconds.labels(stage).inc(seconds)
         line = report.to_manifest()
