@@ -429,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="judge KL per locale and agreement per language in all of them, not only the served languages",
     )
     promote.add_argument("--out", help="write the gate's JSON report here")
+    promote.add_argument(
+        "--new-label-set",
+        action="store_true",
+        help="the candidate may serve another label set than the current model (consumers get new labels)",
+    )
     promote.add_argument("--max-agreement-drop", type=float, default=0.005)
     promote.add_argument("--max-f1-drop", type=float, default=0.005)
     promote.add_argument("--max-kl-growth", type=float, default=0.10, help="relative, per locale")

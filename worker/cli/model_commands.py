@@ -364,9 +364,12 @@ def promote(settings: Settings, args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.golden] if args.golden else [*massive_files(shared), *xsid_files(shared)]
     data = load_labelled(paths, mapping, split=args.golden_split)
     teacher = load_teacher(settings)
-    golden = golden_from_labelled(
-        data.texts, data.locales, data.gold(teacher.labels), teacher, settings.cache_dir
-    )
+    if set(data.labels) <= set(teacher.labels):
+        gold = data.gold(teacher.labels)
+    else:  # a taxonomy the gold labels do not name: judge against the teacher alone
+        say(f"the golden set's labels are not in {teacher.label_set_id}: macro-F1 is not judged")
+        gold = np.full(len(data), -1, dtype=np.int64)
+    golden = golden_from_labelled(data.texts, data.locales, gold, teacher, settings.cache_dir)
     thresholds = Thresholds(
         max_agreement_drop=args.max_agreement_drop,
         max_f1_drop=args.max_f1_drop,
@@ -377,6 +380,7 @@ def promote(settings: Settings, args: argparse.Namespace) -> int:
         min_int8_parity=args.min_int8_parity,
         max_latency_ratio=args.max_latency_ratio,
         latency_budget_ms=args.latency_budget_ms,
+        new_label_set=args.new_label_set,
         languages=None
         if args.all_locales
         else frozenset(x.strip().lower() for x in settings.served_languages.split(",") if x.strip()),

@@ -22,6 +22,11 @@ latency         p50 of one utterance, measured interleaved with the current mode
                 ``max_latency_ratio`` x the current one + ``latency_slack_ms`` (or, when set,
                 anything within ``latency_budget_ms``)
 labels          the same label names as the current model (downstream routing acts on them)
+label_set       the candidate's label set (its card) is the one the golden set's teacher scores;
+                and the current model's, unless ``new_label_set`` (``promote --new-label-set``):
+                then the checks against the current model (labels, agreement, macro_f1, KL,
+                per-language agreement) do not apply, as its outputs are over other labels;
+                the candidate's own figures against its teacher are still reported
 ==============  ===========================================================================
 
 The tolerances absorb run-to-run noise (retraining the same recipe moves agreement by a few
@@ -71,6 +76,12 @@ class Thresholds:
     latency_budget_ms: float | None = None
     #: Languages (primary subtags) the per-locale KL and per-language agreement checks judge; None: all.
     languages: frozenset[str] | None = None
+    #: The candidate may serve another label set than the current model (a new contract downstream).
+    new_label_set: bool = False
+
+
+#: Checks that compare the candidate with the current model's outputs: only within one label set.
+RELATIVE_CHECKS = frozenset({"labels", "agreement", "macro_f1", "kl_per_locale", "agreement_per_language"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class GoldenSet:
     teacher_logits: Logits
     labels: tuple[str, ...]
     identity: str  # hash of texts, gold and teacher: what the cache is keyed by
+    label_set: str = ""  # the teacher's label-set id ("": not known, compare by label names)
 
     @staticmethod
     def key(texts: Sequence[str], gold: Sequence[int], teacher_id: str) -> str:
@@ -118,6 +130,7 @@ class ModelReport:
     int8_parity: float
     int8_parity_source: str
     latency_p50_ms: float = float("nan")
+    label_set: str = ""
     agreement_per_locale: dict[str, float] = field(default_factory=dict)
     agreement_per_language: dict[str, float] = field(default_factory=dict)
     #: Per-row KL on the golden set, for the paired per-locale test (not reported).
@@ -186,7 +199,7 @@ def _parity(student: Student, golden: GoldenSet, int8_logits: Logits) -> tuple[f
 def measure(student: Student, golden: GoldenSet) -> ModelReport:
     """Quality of ``student`` on the golden set (no timing: see :func:`interleaved_latency`)."""
     # Outputs name their labels: the same names in another order are aligned to the teacher's.
-    same = set(student.labels) == set(golden.labels)
+    same = set(student.labels) == set(golden.labels) and golden.label_set in ("", student.label_set)
     order = [student.labels.index(name) for name in golden.labels] if same else None
     values = chunked_logits(golden.texts, student, rows=64)
     aligned = values[:, order] if order is not None else None
@@ -202,6 +215,7 @@ def measure(student: Student, golden: GoldenSet) -> ModelReport:
             {},
             parity,
             source,
+            label_set=student.label_set,
         )
     predicted = aligned.argmax(1)
     agree = predicted == golden.teacher_logits.argmax(1)
@@ -225,6 +239,7 @@ def measure(student: Student, golden: GoldenSet) -> ModelReport:
         per_locale,
         parity,
         source,
+        label_set=student.label_set,
         agreement_per_locale=agreement_by(agree, golden.locales),
         agreement_per_language=agreement_by(agree, [language_of(x) for x in golden.locales]),
         kl_rows=kl.astype(np.float64),
@@ -332,6 +347,9 @@ def decide(candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: T
             f"p50 {candidate.latency_p50_ms:.2f} ms exceeds {limit:.2f} ms",
         )
     )
+    checks.insert(0, _label_set_check(candidate, current, golden, t))
+    if candidate.label_set != current.label_set and t.new_label_set:
+        checks = [c for c in checks if c.name not in RELATIVE_CHECKS]
     for check in checks:
         if check.passed:
             check.why = ""
@@ -347,6 +365,22 @@ def decide(candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: T
             "languages": dict(sorted(Counter(language_of(x) for x in golden.locales).items())),
         },
     )
+
+
+def _label_set_check(candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: Thresholds) -> Check:
+    """Like with like: the teacher judges the label set it scores; a new one only when asked."""
+    why = ""
+    if golden.label_set and candidate.label_set != golden.label_set:
+        why = (
+            f"the candidate was distilled on label set {candidate.label_set}, but the golden set's "
+            f"teacher scores {golden.label_set}: judge it with that teacher (INTENT_TEACHER_LABELS)"
+        )
+    elif candidate.label_set != current.label_set and not t.new_label_set:
+        why = (
+            f"the candidate serves label set {candidate.label_set}, the current model {current.label_set}: "
+            "consumers would get other labels (pass --new-label-set to change it)"
+        )
+    return Check("label_set", not why, candidate.label_set, current.label_set, golden.label_set or "any", why)
 
 
 def _language_agreement_check(
@@ -440,7 +474,7 @@ def golden_from_labelled(
     if logits is None:
         log.info("golden_labelling", n=len(texts), teacher=teacher.identity)
         logits = teacher.logits(list(texts))
-    golden = GoldenSet(list(texts), list(locales), gold, logits, labels, key)
+    golden = GoldenSet(list(texts), list(locales), gold, logits, labels, key, teacher.label_set_id)
     if fresh:
         golden.save(path)
     return golden

@@ -77,6 +77,7 @@ def read_labels(path: Path) -> tuple[str, ...]:
 
 def label_names_id(labels: Sequence[str]) -> str:
     """The label-set id of a bare list of label names (a model with no label-set file):
-    ``labels@<12 hex of the sha256 of the JSON list>``; see `worker.teacher.label_set`."""
-    material = json.dumps(list(labels), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    ``labels@<12 hex of the sha256 of the sorted names as JSON>``. Outputs name their labels,
+    so the order is not part of the set; see `worker.teacher.label_set`."""
+    material = json.dumps(sorted(labels), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return f"labels@{hashlib.sha256(material).hexdigest()[:12]}"
