@@ -33,11 +33,11 @@ from typing import Any, cast
 
 import faust
 import structlog
-from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP, EventT, StreamT
 from mode import CrashingSupervisor
 
+from worker.stream.faust_adapter import hold, raw_producer, release
 from worker.stream.pipeline import InputRecord, OutputRecord, Pipeline
 from worker.topics import UTTERANCES
 
@@ -71,13 +71,10 @@ class BatchEmitter:
         #: against the request size limit (a record batch is not checked before it is sent).
         self.batch_bytes = batch_bytes
 
-    def _producer(self) -> AIOKafkaProducer:
+    async def send_many(self, records: Sequence[OutputRecord]) -> Awaitable[object]:
         # faust exposes only its per-message send; the aiokafka producer under it is started
         # and stopped with the app (and flushed at shutdown) by faust itself.
-        return cast("AIOKafkaProducer", self.app.producer._ensure_producer())  # type: ignore[attr-defined]
-
-    async def send_many(self, records: Sequence[OutputRecord]) -> Awaitable[object]:
-        producer = self._producer()
+        producer = raw_producer(self.app)
         partitions: dict[str, list[int]] = {}
         grouped: dict[tuple[str, int], list[OutputRecord]] = {}
         for record in records:
@@ -114,20 +111,6 @@ def to_record(event: EventT[Any]) -> InputRecord:
         value=message.value,
         received=message.time_in or monotonic(),
     )
-
-
-def hold(events: Sequence[EventT[Any]]) -> None:
-    """Keep the messages un-acknowledged past ``take_events``' own acknowledgement."""
-    for event in events:
-        event.message.incref()
-
-
-def release(app: faust.App, events: Sequence[EventT[Any]]) -> None:
-    """Drop the hold: each message is now acknowledged, and its offset may be committed."""
-    for event in events:
-        message = event.message
-        if event.ack():
-            app.sensors.on_message_out(message.tp, message.offset, message)
 
 
 def register_classifier(

@@ -27,7 +27,7 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from worker.config import Settings
-from worker.connections import RedisConnection
+from worker.connections import KafkaConnection, RedisConnection, SecurityProtocol
 from worker.errors import ModelError, ServiceError
 from worker.logging import stdlib_logging_config
 from worker.models.registry import Registry, Release
@@ -35,10 +35,17 @@ from worker.models.student import Student, classify_chunked
 from worker.models.student_process import StudentProcess
 from worker.stream.agents import BatchEmitter, WorkerState, register_classifier
 from worker.stream.buffer import RedisBufferSink
+from worker.stream.faust_adapter import (
+    BoundedShutdownWorker,
+    monitor_offsets,
+    serve_only_our_views,
+    use_fetch_wait,
+)
 from worker.stream.metrics import PartitionLag, WorkerCollector, WorkerMetrics, lag_by_partition
+from worker.stream.offsets import CHECK_INTERVAL_S as OFFSET_CHECK_INTERVAL_S
+from worker.stream.offsets import OffsetGuard, OffsetResetPolicy, broker_silent_s
 from worker.stream.pipeline import Classify, Pipeline, PipelineOptions
 from worker.stream.sampling import BufferCounters, Sampler, SamplingPolicy
-from worker.stream.transport import use_fetch_wait
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +67,11 @@ class Worker:
     executor: ThreadPoolExecutor
     web_url: str
     watcher: ModelWatcher
+    offsets: OffsetGuard | None = None
+    #: /health is 503 when the broker has answered no fetch for longer (INTENT_HEALTH_BROKER_TIMEOUT_S).
+    broker_timeout_s: float = 15.0
+    #: A stop that takes longer ends the process with status 1 (INTENT_SHUTDOWN_TIMEOUT_S).
+    shutdown_timeout_s: float = 15.0
 
 
 class ModelWatcher:
@@ -161,14 +173,30 @@ def broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
 
 
+def faust_credentials(connection: KafkaConnection) -> faust.types.auth.CredentialsT | None:
+    """faust's ``broker_credentials`` for the connection's security protocol (None: PLAINTEXT)."""
+    if connection.uses_sasl:
+        return faust.SASLCredentials(
+            username=connection.username,
+            password=None if connection.password is None else connection.password.get_secret_value(),
+            ssl_context=connection.ssl_context(),  # None for SASL_PLAINTEXT
+            mechanism=connection.sasl_mechanism.value,
+        )
+    if connection.security_protocol is SecurityProtocol.SSL:
+        return faust.SSLCredentials(connection.ssl_context())
+    return None
+
+
 def new_faust_app(
     settings: Settings, *, group: str, kafka_bootstrap: str, datadir: Path, web_port: int
 ) -> faust.App:
     """A faust app on raw bytes with the worker's broker, commit and web settings (the Faust
     ceiling benchmark builds its forwarder with this too, so both run the same configuration)."""
+    connection = KafkaConnection.from_settings(settings, kafka_bootstrap)
     return faust.App(
         group,
-        broker=broker_urls(kafka_bootstrap),
+        broker=connection.broker_urls(),
+        broker_credentials=faust_credentials(connection),
         key_serializer="raw",
         value_serializer="raw",
         autodiscover=False,
@@ -210,7 +238,9 @@ def build_worker(
         web_port=web_port,
     )
     use_fetch_wait(app, settings.consumer_fetch_max_wait_s)
+    serve_only_our_views(app)  # no faust index at / (always OK), /router, /table, ...
     metrics = WorkerMetrics()
+    offsets = OffsetGuard(app, OffsetResetPolicy(settings.offset_reset_policy), metrics)
     counters = BufferCounters()
     sink = RedisBufferSink.from_settings(settings, redis_url, counters=counters)
     sampler = Sampler(SamplingPolicy.from_settings(settings), counters=counters)
@@ -230,12 +260,14 @@ def build_worker(
             max_text_chars=settings.max_text_chars,
             max_original_bytes=settings.dlq_max_original_bytes,
             max_pending_writes=settings.buffer_max_pending_writes,
+            max_key_bytes=settings.dlq_max_key_bytes,
+            max_record_bytes=settings.dlq_max_message_bytes,
         ),
         close_model=close_model,
     )
     state = WorkerState()
     metrics.serving(student.version)
-    metrics.attach(WorkerCollector(counters, lambda: sink.length, lambda: consumer_lag(app)))
+    metrics.attach(WorkerCollector(counters, lambda: sink.length, lambda: offsets.lag() or consumer_lag(app)))
     register_classifier(app, pipeline, state, max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
     watcher = ModelWatcher(Registry(settings.registry_dir), pipeline, metrics, settings)
     watcher.labels = student.labels
@@ -248,8 +280,12 @@ def build_worker(
         executor,
         web_url=f"http://{settings.web_host}:{web_port}",
         watcher=watcher,
+        offsets=offsets,
+        broker_timeout_s=settings.health_broker_timeout_s,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
     )
     app.timer(settings.model_poll_interval_s)(watcher.check)
+    app.timer(OFFSET_CHECK_INTERVAL_S)(offsets.check)
     _add_views(worker)
     _add_hooks(worker)
     return worker
@@ -261,9 +297,9 @@ def consumer_lag(app: faust.App) -> list[PartitionLag]:
         assigned = app.consumer.assignment()
     except ConsumerNotStarted:  # scraped before the consumer started
         return []
-    monitor = app.monitor
-    ends = {tp: offset for tp, offset in monitor.tp_end_offsets.items() if tp in assigned}
-    return lag_by_partition(ends, monitor.tp_committed_offsets)
+    end_offsets, committed = monitor_offsets(app)
+    ends = {tp: offset for tp, offset in end_offsets.items() if tp in assigned}
+    return lag_by_partition(ends, committed)
 
 
 def health(worker: Worker) -> tuple[int, dict[str, Any]]:
@@ -283,6 +319,10 @@ def health(worker: Worker) -> tuple[int, dict[str, Any]]:
         return 503, body
     if state.assigned is None or app.rebalancing:
         body["status"] = "starting"
+        return 503, body
+    silent = broker_silent_s(app)
+    if silent is not None and silent > worker.broker_timeout_s:
+        body.update(status="broker_unreachable", broker_silent_s=round(silent, 1))
         return 503, body
     body["status"] = "ok"
     return 200, body
@@ -338,8 +378,9 @@ def _add_hooks(worker: Worker) -> None:
 
 def run_worker(worker: Worker, *, json_logs: bool, log_level: str, loop: asyncio.AbstractEventLoop) -> int:
     """Run until SIGTERM/SIGINT (exit 0 after a graceful stop) or a failure (exit 1)."""
-    runner = faust.Worker(
+    runner = BoundedShutdownWorker(
         worker.app,
+        shutdown_timeout_s=worker.shutdown_timeout_s,
         loop=loop,
         quiet=True,
         redirect_stdouts=False,
