@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
+from worker.errors import BadInput
 from worker.record_fields import SCHEMA_VERSION, Fields, dumps, json_type, load_object, truncated
 
 MAX_TEXT_CHARS = 10_000  # the default of INTENT_MAX_TEXT_CHARS and the schema's maxLength
@@ -160,6 +161,8 @@ class DeadLetter:
     original_key_truncated: bool = False
     error_message_size: int | None = None
     error_message_truncated: bool = False
+    #: BadInput.reason (``text_missing``, ``not_json``...): what metrics count by; null for other errors.
+    reason: str | None = None
 
     @classmethod
     def from_failure(
@@ -202,6 +205,7 @@ class DeadLetter:
             original_key_truncated=key is not None and len(key) > max_key_bytes,
             error_message_size=len(message),
             error_message_truncated=len(message) > max_message_chars,
+            reason=error.reason if isinstance(error, BadInput) else None,
         )
 
     def within(self, max_bytes: int, *, key_bytes: int = 0) -> DeadLetter:
@@ -264,6 +268,7 @@ class DeadLetter:
             error_type=fields.string("error_type"),
             error_message=_plain_string(fields, "error_message"),
             timestamp=fields.number("timestamp"),
+            reason=fields.optional_string("reason"),
             **optional,  # type: ignore[arg-type]
         )
 
@@ -285,6 +290,7 @@ class DeadLetter:
             "original_key_truncated": self.original_key_truncated,
             "error_message_size": self.error_message_size,
             "error_message_truncated": self.error_message_truncated,
+            "reason": self.reason,
         }
 
     def to_json_bytes(self) -> bytes:

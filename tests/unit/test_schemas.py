@@ -123,6 +123,7 @@ ADDED_IN_V1 = {
         "original_key_truncated",
         "error_message_size",
         "error_message_truncated",
+        "reason",
     }
 }
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.cli import model_commands
+from worker.cli import dead_letter_commands, model_commands
 from worker.cli.model_commands import say
 from worker.config import Settings
 from worker.errors import WorkerError
@@ -141,12 +141,15 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dev.client import describe, follow_intents
+    if args.dead_letters:
+        return dead_letter_commands.tail_dead_letters(settings, args)
+    from worker.dev.client import BrokerWatch, describe, follow_intents
     from worker.dev.run_state import find_kafka_connection
     from worker.schemas import Intent
 
     kafka = find_kafka_connection(settings)
     bootstrap = kafka.bootstrap
+    dead_letter_commands.quiet_kafka_logs(args)
 
     def show(intent: Intent, text: str | None, raw: bytes) -> None:
         print(raw.decode("utf-8") if args.json else describe(intent, text), flush=True)
@@ -156,7 +159,12 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a person stops tail
         asyncio.run(
             follow_intents(
-                kafka, show, from_beginning=args.from_beginning, count=args.count, timeout_s=args.timeout
+                kafka,
+                show,
+                from_beginning=args.from_beginning,
+                count=args.count,
+                timeout_s=args.timeout,
+                watch=BrokerWatch(bootstrap, say),
             )
         )
     return 0
@@ -374,15 +382,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--locale", default=None, help="locale of records that do not carry one")
     replay.set_defaults(handler=_replay, timing=False)
-    tail = commands.add_parser("tail", help="print labels as they arrive on the intents topic")
+    tail = commands.add_parser(
+        "tail", help="print labels as they arrive on the intents topic (or dead letters: --dead-letters)"
+    )
     tail.add_argument(
         "--from-beginning", action="store_true", help="start at the oldest label, not the newest"
     )
     tail.add_argument("--count", type=int, default=None, help="stop after this many labels")
     tail.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
-    tail.add_argument("--json", action="store_true", help="print each intent.v1 record as JSON")
+    tail.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="read utterances.dlq instead: where, stage, reason, id and the original bytes of each",
+    )
+    tail.add_argument(
+        "--json", action="store_true", help="print each record as JSON (intent.v1, or dead_letter.v1)"
+    )
     tail.add_argument("--quiet", action="store_true", help="no header line")
     tail.set_defaults(handler=_tail, timing=False)
+    dead_letter_commands.add_redrive_parser(commands)
 
     label = commands.add_parser(
         "label", help="the labelling job: label the Redis buffer with the teacher into a dataset"

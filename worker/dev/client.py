@@ -183,6 +183,53 @@ async def send_all(
     return sent
 
 
+class BrokerWatch:
+    """Says once that the broker stopped answering, and once that it is back.
+
+    aiokafka retries a lost broker by itself and logs every failed attempt (about 250 lines in
+    30 s); a reader like ``tail`` silences those and reports the state change instead. Checked
+    after each empty fetch: a TCP connection to a bootstrap address, at most every ``every_s``.
+    """
+
+    def __init__(self, bootstrap: str, report: Callable[[str], None], *, every_s: float = 2.0) -> None:
+        self.addresses = [a.strip().rpartition(":") for a in bootstrap.split(",") if a.strip()]
+        self.bootstrap = bootstrap
+        self.report = report
+        self.every_s = every_s
+        self.down = False
+        self._checked = 0.0
+
+    async def check(self, *, got_records: bool = False) -> None:
+        now = time.monotonic()
+        if got_records:
+            reachable = True
+        elif now - self._checked < self.every_s:
+            return
+        else:
+            self._checked = now
+            reachable = await self._reachable()
+        if reachable == (not self.down):
+            return
+        self.down = not reachable
+        if self.down:
+            self.report(
+                f"the broker at {self.bootstrap} is not answering (did the worker's `intent-worker run` "
+                "stop?); waiting for it quietly, Ctrl-C stops"
+            )
+        else:
+            self.report(f"the broker at {self.bootstrap} answers again")
+
+    async def _reachable(self) -> bool:
+        for host, _, port in self.addresses:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 1.0)
+            except (OSError, TimeoutError, ValueError):
+                continue
+            writer.close()
+            return True
+        return False
+
+
 def describe(intent: Intent, text: str | None) -> str:
     """One line of ``tail``: id, label, top score, locale, model version, text (if known)."""
     top = intent.scores.get(intent.label, 0.0)
@@ -199,6 +246,7 @@ async def follow_intents(
     from_beginning: bool = False,
     count: int | None = None,
     timeout_s: float | None = None,
+    watch: BrokerWatch | None = None,
 ) -> int:
     """Call ``on_intent(intent, text, raw)`` for each label on ``intents`` until ``count`` or ``timeout_s``.
 
@@ -231,6 +279,8 @@ async def follow_intents(
             if deadline is not None and wait_ms <= 0:
                 break
             batches = await consumer.getmany(timeout_ms=min(wait_ms, 1000), max_records=1000)
+            if watch is not None:
+                await watch.check(got_records=bool(batches))
             # Utterances first, so that a label fetched together with its utterance shows the text.
             for partition, records in sorted(batches.items(), key=lambda item: item[0].topic != UTTERANCES):
                 for record in records:

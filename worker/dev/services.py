@@ -12,15 +12,16 @@ import contextlib
 import importlib.util
 import os
 import secrets
+import signal
 import socket
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 import structlog
 from pydantic import SecretStr
@@ -79,6 +80,11 @@ def _log_tail(path: Path, limit: int = 2000) -> str:
 class EmbeddedService:
     """A service binary we started: its address, its log, and a clean stop."""
 
+    #: Tansu's SIGTERM waits up to 5 s for its clients to hang up (a `tail` never does), which met
+    #: our own 5 s limit and ended in SIGKILL; its SIGINT stops at once, and with memory storage
+    #: there is nothing to flush. valkey saves (appendonly) on SIGTERM.
+    STOP_SIGNALS: ClassVar[Mapping[str, signal.Signals]] = {"tansu": signal.SIGINT}
+
     def __init__(self, name: str, scheme: str, process: subprocess.Popen[bytes], port: int, log_path: Path):
         self.name = name
         self.scheme = scheme
@@ -110,9 +116,10 @@ class EmbeddedService:
         return self.process.poll() is None
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """SIGTERM, wait up to ``timeout_s``, then SIGKILL. Safe to call twice."""
+        """Its stop signal (SIGTERM, SIGINT for Tansu), wait up to ``timeout_s``, then SIGKILL.
+        Safe to call twice."""
         if self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(self.STOP_SIGNALS.get(self.name, signal.SIGTERM))
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
