@@ -25,6 +25,7 @@ from worker.data.corpora import (
     shared_mapping,
     xsid_files,
 )
+from worker.data.report import to_json
 from worker.models.student import Student
 from worker.teacher import E5_PREFIX, OnnxSequenceModel, OnnxTeacher, load_embedded_teacher
 from worker.teacher.build import ensure_encoder
@@ -159,7 +160,7 @@ def main() -> None:
                     "int8_parity": card["int8"]["parity"] if variant == "int8" else None,
                 }
             )
-            per_locale[f"{directory.name}/{variant}"] = evaluation.to_json(report)
+            per_locale[f"{directory.name}/{variant}"] = to_json(report)
     curve = volume_curve(rows)
     result = {
         "machine": machine(),

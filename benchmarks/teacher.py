@@ -28,6 +28,7 @@ from worker.data.corpora import (
     shared_mapping,
     xsid_files,
 )
+from worker.data.report import to_json, to_markdown
 from worker.teacher import E5_PREFIX, OnnxSequenceModel, OnnxTeacher, load_embedded_teacher
 from worker.teacher.build import ensure_encoder
 from worker.teacher.e5format import default_weights_path
@@ -78,9 +79,9 @@ def quality(teacher: OnnxTeacher, shared: Path) -> dict[str, object]:
             [loc for loc, k in zip(data.locales, keep, strict=True) if k],
         )
         out[name] = {
-            "all_intents": evaluation.to_json(full),
-            "without_ambiguous": evaluation.to_json(clear),
-            "markdown": evaluation.to_markdown(full, f"teacher, {name} validation"),
+            "all_intents": to_json(full),
+            "without_ambiguous": to_json(clear),
+            "markdown": to_markdown(full, f"teacher, {name} validation"),
         }
     return out
 

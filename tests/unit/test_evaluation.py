@@ -23,9 +23,8 @@ from worker.data.evaluation import (
     pr_auc,
     pr_bep,
     softmax,
-    to_json,
-    to_markdown,
 )
+from worker.data.report import to_json, to_markdown
 
 LABELS = ["Action", "Other", "Recall"]
 

@@ -51,6 +51,7 @@ def teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
 
     from worker.data import evaluation
     from worker.data.corpora import IntentMapping, load_labelled, shared_mapping
+    from worker.data.report import to_json, to_markdown
     from worker.teacher import load_teacher
 
     mapping = (
@@ -78,11 +79,11 @@ def teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
         "data": [str(p) for p in args.data],
         "split": args.split,
         "exclude_ambiguous": args.exclude_ambiguous,
-        "metrics": evaluation.to_json(report),
+        "metrics": to_json(report),
     }
     if args.out:
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(evaluation.to_markdown(report, f"{teacher.identity} on {len(data)} utterances"))
+    print(to_markdown(report, f"{teacher.identity} on {len(data)} utterances"))
     return 0
 
 
