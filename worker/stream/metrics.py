@@ -116,6 +116,13 @@ class WorkerMetrics:
         self.model_info = Gauge(
             f"{PREFIX}_model_info", "The student being served (value 1).", ["version"], registry=r
         )
+        self.offset_resets = Counter(
+            f"{PREFIX}_offset_resets",
+            "Partitions whose committed offset was past their log's end (a broker restarted empty, a topic "
+            "re-created) and were reset per INTENT_OFFSET_RESET_POLICY.",
+            ["topic", "partition", "policy"],
+            registry=r,
+        )
         self.model_reloads = Counter(
             f"{PREFIX}_model_reloads",
             "Hot reloads of a promoted model, by result (ok, failed).",

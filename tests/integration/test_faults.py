@@ -1,0 +1,201 @@
+"""Faults the worker survives, on a real Tansu broker and valkey: poison pills, a broker that
+restarts with empty logs, a broker that freezes or is down at shutdown, and its web surface.
+
+Each test gets a broker of its own (topic names are fixed); groups and Redis prefixes are unique.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from worker_harness import WorkerProcess, consume, produce, utterance
+
+from worker.dev.services import EmbeddedService, start_kafka
+from worker.schemas import DeadLetter
+from worker.stream.admin import create_topics
+from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 2
+TOPICS = dict.fromkeys((UTTERANCES, INTENTS, DEAD_LETTERS), PARTITIONS)
+PRODUCER_REQUEST_LIMIT = 1_000_000  # faust's producer_max_request_size, which the worker keeps
+
+
+def new_broker(directory: Path, port: int | None = None) -> EmbeddedService:
+    service = start_kafka(directory, port=port)
+    asyncio.run(create_topics(service.bootstrap, TOPICS))
+    return service
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[EmbeddedService]:
+    with new_broker(tmp_path / "tansu") as service:
+        yield service
+
+
+def worker_on(
+    broker: EmbeddedService, redis: EmbeddedService, run_dir: Path, group: str, student: Path, **extra: str
+) -> WorkerProcess:
+    return WorkerProcess(
+        kafka=broker.bootstrap, redis=redis.url, run_dir=run_dir, group=group,
+        prefix=f"{group}-{time.time_ns()}", student=student, partitions=PARTITIONS, extra=extra,
+    )  # fmt: skip
+
+
+def committed(bootstrap: str, group: str) -> dict[int, int | None]:
+    """The group's committed offsets on ``utterances``, read without joining the group."""
+
+    async def read() -> dict[int, int | None]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            return {p: await consumer.committed(TopicPartition(UTTERANCES, p)) for p in range(PARTITIONS)}
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
+def test_poison_pills_become_bounded_dead_letters_and_their_offsets_are_committed(
+    broker: EmbeddedService, redis_service: EmbeddedService, tmp_path: Path, student: Path
+) -> None:
+    huge_key = b"k" * 460_000  # fits a default aiokafka producer's 1 MB request with its value
+    pills = {
+        huge_key: b"not json at all",
+        b"pill-schema-version": json.dumps(
+            {"schema_version": "v" * 700_000, "id": "a", "text": "hi"}
+        ).encode(),
+    }
+    valid = [utterance(f"after-pill-{i}", f"play song number {i}") for i in range(40)]
+    produce(broker.bootstrap, UTTERANCES, [*pills.items(), *valid])
+
+    with worker_on(broker, redis_service, tmp_path / "run", "pills", student) as worker:
+        letters = consume(broker.bootstrap, [DEAD_LETTERS], lambda rs: len(rs) >= len(pills), timeout_s=60)
+        intents = consume(broker.bootstrap, [INTENTS], lambda rs: len(rs) >= len(valid), timeout_s=60)
+        assert worker.alive(), worker.log_tail()
+        assert worker.get("/health")[0] == 200
+        assert worker.terminate() == 0
+    assert {r.key for r in intents} == {key for key, _ in valid}
+    assert len(letters) == len(pills)
+    by_size = {}
+    for record in letters:
+        assert len(record.key or b"") + len(record.value) < PRODUCER_REQUEST_LIMIT
+        letter = DeadLetter.from_json_bytes(record.value)
+        by_size[letter.original_key_size] = (record, letter)
+    key_record, key_letter = by_size[len(huge_key)]
+    assert key_letter.original_key_truncated and huge_key.startswith(
+        base64.b64decode(key_letter.original_key_base64 or "")
+    )
+    assert key_record.key is not None and len(key_record.key) <= 1024 and huge_key.startswith(key_record.key)
+    assert key_letter.original() == pills[huge_key] and not key_letter.original_truncated
+    _, schema_letter = by_size[len(b"pill-schema-version")]
+    assert schema_letter.error_message_truncated or len(schema_letter.error_message) < 1000
+    assert "v" * 2000 not in schema_letter.error_message
+    assert schema_letter.original_size == len(pills[b"pill-schema-version"])
+    events = [e.get("event") for e in worker.log_events()]
+    assert "classifier_failed" not in events and events.count("dead_lettered") == len(pills)
+    # Committed past the pills: a restarted worker does not meet them again.
+    ends = committed(broker.bootstrap, "pills")
+    assert sum(offset or 0 for offset in ends.values()) == len(pills) + len(valid)
+
+
+def test_offsets_past_the_end_of_a_restarted_brokers_log_are_reset_and_counted(
+    redis_service: EmbeddedService, tmp_path: Path, student: Path
+) -> None:
+    first = new_broker(tmp_path / "tansu-1")
+    port = first.port
+    before = [utterance(f"old-{i}", f"set an alarm for {i % 12 + 1} am") for i in range(600)]
+    produce(first.bootstrap, UTTERANCES, before)
+    worker = worker_on(first, redis_service, tmp_path / "run", "restarted", student).start()
+    second: EmbeddedService | None = None
+    try:
+        worker.wait_healthy()
+        consume(first.bootstrap, [INTENTS], lambda rs: len(rs) >= len(before), timeout_s=60)
+        time.sleep(1.5)  # committed (every 0.5 s): 300 per partition
+        os.kill(first.pid, signal.SIGKILL)  # memory storage: the logs and the offsets go with it
+        first.process.wait()
+        second = new_broker(tmp_path / "tansu-2", port=port)
+        after = [utterance(f"new-{i}", f"turn on the lights number {i}") for i in range(100)]
+        produce(second.bootstrap, UTTERANCES, after)  # 50 per partition: below the old offsets
+        found = consume(
+            second.bootstrap, [INTENTS], lambda rs: {k for k, _ in after} <= {r.key for r in rs}, 90
+        )
+        assert {k for k, _ in after} <= {r.key for r in found}, worker.log_tail()
+        resets = [e for e in worker.log_events() if e.get("event") == "offset_reset"]
+        assert {int(str(e["partition"])) for e in resets} == set(range(PARTITIONS))
+        for event in resets:
+            assert event["policy"] == "earliest" and int(str(event["log_end"])) < int(str(event["offset"]))
+        metrics = worker.metrics()
+        assert (
+            sum(v for k, v in metrics.items() if k.startswith("intent_worker_offset_resets_total"))
+            >= PARTITIONS
+        )
+        assert [k for k in metrics if k.startswith("intent_worker_consumer_lag{")] != []
+        started = time.monotonic()
+        assert worker.terminate() == 0
+        assert time.monotonic() - started < 20
+        # What it commits on the way out belongs to the new log, not the old one.
+        offsets = committed(second.bootstrap, "restarted")
+        assert sum(offset or 0 for offset in offsets.values()) == len(after), offsets
+        counts = Counter(r.key for r in found if r.key in {k for k, _ in after})
+        assert max(counts.values()) == 1
+    finally:
+        if worker.alive():
+            worker.kill()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_sigterm_with_the_broker_down_stops_within_the_shutdown_timeout(
+    broker: EmbeddedService, redis_service: EmbeddedService, tmp_path: Path, student: Path
+) -> None:
+    with worker_on(
+        broker, redis_service, tmp_path / "run", "down", student, INTENT_SHUTDOWN_TIMEOUT_S="8"
+    ) as worker:
+        worker.wait_healthy()
+        produce(broker.bootstrap, UTTERANCES, [utterance("before-down", "play some jazz")])
+        consume(broker.bootstrap, [INTENTS], lambda rs: len(rs) >= 1, timeout_s=30)
+        broker.process.kill()
+        broker.process.wait()
+        time.sleep(1.0)
+        started = time.monotonic()
+        code = worker.terminate(timeout_s=30)
+        took = time.monotonic() - started
+    assert took < 12, took
+    events = [e.get("event") for e in worker.log_events()]
+    assert code == 0 or "shutdown_timeout" in events, (code, events[-10:])
+
+
+def test_health_is_503_while_the_broker_is_frozen_and_only_health_and_metrics_answer(
+    broker: EmbeddedService, redis_service: EmbeddedService, tmp_path: Path, student: Path
+) -> None:
+    with worker_on(
+        broker, redis_service, tmp_path / "run", "frozen", student, INTENT_HEALTH_BROKER_TIMEOUT_S="3"
+    ) as worker:
+        worker.wait_healthy()
+        assert worker.get("/metrics")[0] == 200
+        for path in ("/", "/router/", "/table/", "/graph/", "/stats/"):
+            assert worker.get(path)[0] == 404, path
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 15
+            status, body = worker.health()
+            while status != 503 and time.monotonic() < deadline:
+                time.sleep(0.5)
+                status, body = worker.health()
+            assert status == 503 and body["status"] == "broker_unreachable", body
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        worker.wait_healthy(timeout_s=30)

@@ -1,0 +1,145 @@
+"""The offset guard: a committed offset past the end of its log is reset, logged and counted.
+
+A broker that restarts with an empty store (Tansu's memory storage, a cluster rebuilt) or a
+topic deleted and created again leaves the group's offsets pointing past the new logs' ends.
+Kafka answers such a fetch with ``OFFSET_OUT_OF_RANGE`` and aiokafka moves its position by
+itself, in silence; Tansu answers with no records at all. Either way faust keeps its own idea
+of the partition (the last offset it read, the last it committed), drops every record below it,
+and would commit the old log's offsets into the new one on the way out: acknowledged utterances
+skipped without a word.
+
+Every second (:data:`CHECK_INTERVAL_S`) the guard compares, for each partition this worker
+holds, the end of the log (the high watermark of the latest fetch response) with the furthest
+of the consumer's position and faust's read and committed offsets. Past the end means the log
+was replaced: the partition is reset per ``INTENT_OFFSET_RESET_POLICY`` (``earliest``: read
+what the new log holds; ``latest``: skip to its end), the reset is logged (``offset_reset``)
+and counted (``intent_worker_offset_resets_total``), and the new offset is committed.
+
+The guard also keeps the numbers ``intent_worker_consumer_lag`` reports, and the time of the
+broker's last answer, which ``/health`` reads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+import faust
+import structlog
+from aiokafka.errors import KafkaError
+from faust.types import TP
+
+from worker.stream.faust_adapter import (
+    CONSUMER_NOT_READY,
+    faust_offsets,
+    last_fetch_ms,
+    log_end,
+    reset_partition,
+)
+from worker.stream.metrics import PartitionLag, WorkerMetrics
+
+log = structlog.get_logger(__name__)
+
+CHECK_INTERVAL_S = 1.0
+
+
+class OffsetResetPolicy(StrEnum):
+    """Where a partition whose committed offset is past its log's end resumes."""
+
+    EARLIEST = "earliest"  # the beginning of what the log holds now: nothing it holds is skipped
+    LATEST = "latest"  # its end: only what arrives from now on
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionOffsets:
+    """What the consumer knows of one partition; offsets are "next to read"."""
+
+    log_end: int | None  # high watermark of the last fetch response; None before the first
+    position: int | None
+    read: int | None  # faust: the last offset it delivered (records below are dropped)
+    committed: int | None  # faust: the last offset it committed (acks below are ignored)
+
+    def past_the_end(self) -> bool:
+        """Whether the consumer stands beyond the log's end: the log was replaced."""
+        if self.log_end is None:
+            return False
+        known = [o for o in (self.position, self.committed) if o is not None]
+        if self.read is not None:
+            known.append(self.read + 1)
+        return bool(known) and max(known) > self.log_end
+
+
+def reset_target(policy: OffsetResetPolicy, *, log_start: int, log_end: int) -> int:
+    """The offset a replaced partition resumes at."""
+    return log_start if policy is OffsetResetPolicy.EARLIEST else log_end
+
+
+class OffsetGuard:
+    """Runs on a faust timer; see the module docstring."""
+
+    def __init__(self, app: faust.App, policy: OffsetResetPolicy, metrics: WorkerMetrics) -> None:
+        self.app = app
+        self.policy = policy
+        self.metrics = metrics
+        self.offsets: dict[TP, PartitionOffsets] = {}
+        self.resets = 0
+
+    async def check(self) -> None:
+        consumer = self.app.consumer
+        try:
+            assigned = consumer.assignment()
+        except CONSUMER_NOT_READY:
+            return
+        seen: dict[TP, PartitionOffsets] = {}
+        for tp in sorted(assigned):
+            try:
+                position = await consumer.position(tp)
+            except (KafkaError, AssertionError, CONSUMER_NOT_READY):
+                continue  # revoked meanwhile, or the broker is away: next time
+            read, committed = faust_offsets(self.app, tp)
+            offsets = PartitionOffsets(log_end(self.app, tp), position, read, committed)
+            seen[tp] = offsets
+            if offsets.past_the_end():
+                await self._reset(tp, offsets)
+        self.offsets = seen
+
+    async def _reset(self, tp: TP, offsets: PartitionOffsets) -> None:
+        assert offsets.log_end is not None
+        start = 0
+        if self.policy is OffsetResetPolicy.EARLIEST:
+            try:
+                start = int((await self.app.consumer.earliest_offsets(tp)).get(tp, 0))
+            except KafkaError:
+                start = 0  # a log that was just replaced starts at 0
+        target = reset_target(self.policy, log_start=start, log_end=offsets.log_end)
+        await reset_partition(self.app, tp, target)
+        self.resets += 1
+        self.metrics.offset_resets.labels(tp.topic, str(tp.partition), self.policy.value).inc()
+        log.warning(
+            "offset_reset",
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=max(o for o in (offsets.position, offsets.committed, offsets.read) if o is not None),
+            log_end=offsets.log_end,
+            reset_to=target,
+            policy=self.policy.value,
+        )
+
+    def lag(self) -> list[PartitionLag]:
+        """End of log minus the committed offset (the position before the first commit)."""
+        entries = []
+        for tp, offsets in self.offsets.items():
+            done = offsets.committed if offsets.committed is not None else offsets.position
+            if offsets.log_end is None or done is None:
+                continue
+            entries.append(PartitionLag(tp.topic, tp.partition, max(0, offsets.log_end - done)))
+        return sorted(entries, key=lambda e: (e.topic, e.partition))
+
+
+def broker_silent_s(app: faust.App, now_ms: float | None = None) -> float | None:
+    """Seconds since the broker last answered a fetch of this worker (None: not known yet)."""
+    last = last_fetch_ms(app)
+    if last is None:
+        return None
+    return max(0.0, ((time.time() * 1000 if now_ms is None else now_ms) - last) / 1000)
