@@ -152,3 +152,41 @@ def test_redact_url_hides_only_the_password() -> None:
     assert redact_url("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert redact_url("rediss://user:s3cret@host/1") == "rediss://user:***@host/1"
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "fields"),
+    [
+        ("SASL_PLAINTEXT", {"username": "worker", "password": SecretStr("sasl-s3cret")}),
+        (
+            "SASL_SSL",
+            {"username": "worker", "password": SecretStr("sasl-s3cret"), "ssl_cafile": TLS / "ca.pem"},
+        ),
+        ("SSL", {"ssl_cafile": TLS / "ca.pem"}),
+        ("PLAINTEXT", {}),
+    ],
+)
+def test_the_worker_gives_faust_the_same_connection_as_every_other_client(
+    protocol: str, fields: dict[str, object]
+) -> None:
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+    from worker.stream.app import faust_credentials
+
+    connection = KafkaConnection(
+        "broker:9093",
+        security_protocol=SecurityProtocol(protocol),
+        sasl_mechanism=SaslMechanism.SCRAM_SHA_256,
+        **fields,  # type: ignore[arg-type]
+    )
+    credentials = faust_credentials(connection)
+    faust_kwargs = dict(credentials_to_aiokafka_auth(credentials))
+    ours = connection.aiokafka_kwargs()
+    del ours["bootstrap_servers"]
+    assert faust_kwargs.keys() >= ours.keys()
+    for key, value in ours.items():
+        if key == "ssl_context":
+            assert isinstance(faust_kwargs[key], ssl.SSLContext)
+        else:
+            assert faust_kwargs[key] == value, key
+    assert "sasl-s3cret" not in repr(credentials)
