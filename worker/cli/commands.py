@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.cli import dead_letter_commands, model_commands
+from worker.cli import dead_letter_commands, model_commands, registry_commands
 from worker.cli.model_commands import say
 from worker.config import Settings
 from worker.errors import WorkerError
@@ -236,9 +236,14 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="intent-worker", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="intent-worker",
+        description="Streaming intent classification on Kafka and Redis, and the loop that distils better "
+        "students: run the worker, send and tail utterances, label, train, promote. Settings come from "
+        "INTENT_* environment variables (the README's configuration table).",
+    )
     parser.add_argument("--log-json", action="store_true", help="JSON log lines (production)")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     teacher = commands.add_parser("teacher", help="the embedded teacher").add_subparsers(
@@ -301,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="distil a student (cnn, bag or pruned transformer) into a model directory"
     )
-    train.add_argument("--arch", choices=["cnn", "bag", "pruned"], required=True)
+    train.add_argument(
+        "--arch",
+        choices=["cnn", "bag", "pruned"],
+        required=True,
+        help="cnn: the paper's CNN (shipped); bag: mean of embeddings + MLP; pruned: teacher layers",
+    )
     train.add_argument("--data", nargs="*", help="distillation dataset directories")
     train.add_argument("--out", required=True, help="model directory to write")
     train.add_argument(
@@ -319,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=None, help="default 50 (pruned: 1)")
     train.add_argument("--batch-size", type=int, default=None, help="default 128 (pruned: 32)")
     train.add_argument("--lr", type=float, default=None, help="default 1e-3 (pruned: 5e-5, encoder)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
     train.add_argument(
         "--patience", type=int, default=3, help="stop after this many epochs without improvement"
     )
@@ -340,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sparse gradients for the embedding table (SparseAdam): faster with a large vocabulary",
     )
-    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     train.add_argument(
         "--layers", default="0,11", help="pruned: teacher layers to keep, e.g. 0,11 or 0,5,11 or first4"
     )
@@ -434,43 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds_compact.add_argument("--target-rows", type=int, default=100_000, help="rows per merged shard")
     ds_compact.set_defaults(handler=model_commands.dataset_compact)
 
-    promote = commands.add_parser(
-        "promote", help="gate a candidate against the served model; publish it to the workers if not worse"
-    )
-    promote.add_argument("model_dir", help="the candidate model directory (from `intent-worker train`)")
-    promote.add_argument("--golden", nargs="*", help="labelled JSONL (default: MASSIVE + xSID validation)")
-    promote.add_argument("--golden-split", default="validation", help="rows of this split")
-    promote.add_argument("--dry-run", action="store_true", help="decide, but do not publish")
-    promote.add_argument(
-        "--all-locales",
-        action="store_true",
-        help="judge KL per locale and agreement per language in all of them, not only the served languages",
-    )
-    promote.add_argument("--out", help="write the gate's JSON report here")
-    promote.add_argument(
-        "--new-label-set",
-        action="store_true",
-        help="the candidate may serve another label set than the current model (consumers get new labels)",
-    )
-    promote.add_argument("--max-agreement-drop", type=float, default=0.005)
-    promote.add_argument("--max-f1-drop", type=float, default=0.005)
-    promote.add_argument("--max-kl-growth", type=float, default=0.10, help="relative, per locale")
-    promote.add_argument(
-        "--max-language-agreement-drop",
-        type=float,
-        default=None,
-        help="per served language, when beyond chance (default: the gate's, 1 point)",
-    )
-    promote.add_argument("--min-int8-parity", type=float, default=0.995)
-    promote.add_argument("--max-latency-ratio", type=float, default=1.25)
-    promote.add_argument(
-        "--latency-budget-ms", type=float, default=None, help="accept any p50 within this budget"
-    )
-    promote.set_defaults(handler=model_commands.promote)
-    rollback = commands.add_parser("rollback", help="serve the previously promoted model again")
-    rollback.set_defaults(handler=model_commands.rollback, timing=False)
-    models = commands.add_parser("models", help="the promoted model the workers serve, and the ones before")
-    models.set_defaults(handler=model_commands.models, timing=False)
+    registry_commands.add_parsers(commands)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The model-side commands of ``intent-worker``: teacher, corpus, train, dataset, promote.
+"""The model-side commands of ``intent-worker``: teacher, corpus, train, dataset.
 
 :mod:`worker.cli` parses the command line and dispatches here; heavy imports stay inside each
 command, so ``intent-worker send`` never loads torch or the teacher.
@@ -250,7 +250,25 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         request, teacher_tokenizer, E5File(e5_path), teacher_id=f"e5-small@{files.key[:8]}"
     )
     print(json.dumps({k: card[k] for k in ("version", "int8", "sizes_bytes")}, indent=2))
+    say_quantisation(card)
     return 0
+
+
+def say_quantisation(card: dict[str, Any]) -> None:
+    """One console line on what ``model.onnx`` is: the INT8 export, or the FP32 fallback and why."""
+    int8 = card.get("int8") or {}
+    agreement = (int8.get("parity") or {}).get("label_agreement")
+    bar = int8.get("min_agreement")
+    measured = f"{agreement:.2%}" if isinstance(agreement, float) else "unmeasured"
+    if int8.get("shipped", True):
+        say(f"{card['version']}: model.onnx is INT8 (agrees with FP32 on {measured} of the parity texts)")
+        return
+    size = (card.get("sizes_bytes") or {}).get("model.onnx", 0) / 1e6
+    say(
+        f"{card['version']}: FP32 FALLBACK: the INT8 export agrees with FP32 on only {measured} of the "
+        f"parity texts (needs {bar:.1%}), so model.onnx is the float model ({size:.1f} MB); "
+        "promote reports its INT8 parity as n/a and judges its latency"
+    )
 
 
 def _pruned_layers(spec: str) -> tuple[int, ...]:
@@ -294,6 +312,7 @@ def _train_pruned(
     )
     card = train_pruned_model_dir(request, inputs, teacher_tokenizer, e5, teacher_id=f"e5-small@{key[:8]}")
     print(json.dumps({k: card[k] for k in ("version", "int8", "sizes_bytes")}, indent=2))
+    say_quantisation(card)
     return 0
 
 
@@ -341,113 +360,6 @@ def dataset_compact(settings: Settings, args: argparse.Namespace) -> int:
     except (ServiceError, redis.RedisError) as exc:
         say(f"no Redis ({exc}): compacting under the local lock only")
     print(json.dumps(compact(args.dataset, target_rows=args.target_rows, lock=lock), indent=2))
-    return 0
-
-
-def promote(settings: Settings, args: argparse.Namespace) -> int:
-    """The gate, then (if it passes) publication in the registry; exit 3 when refused."""
-    from worker.data.corpora import (
-        load_labelled,
-        massive_files,
-        require_shared_data,
-        shared_mapping,
-        xsid_files,
-    )
-    from worker.loop.gate import Thresholds, evaluate_candidate, golden_from_labelled
-    from worker.models.registry import Registry, initial_student
-    from worker.models.student import Student
-    from worker.teacher import load_teacher
-
-    candidate = Student(Path(args.model_dir))
-    current = initial_student(settings)
-    shared = require_shared_data(settings.shared_data_dir)
-    mapping = shared_mapping(shared)
-    paths = [Path(p) for p in args.golden] if args.golden else [*massive_files(shared), *xsid_files(shared)]
-    data = load_labelled(paths, mapping, split=args.golden_split)
-    teacher = load_teacher(settings)
-    if set(data.labels) <= set(teacher.labels):
-        gold = data.gold(teacher.labels)
-    else:  # a taxonomy the gold labels do not name: judge against the teacher alone
-        say(f"the golden set's labels are not in {teacher.label_set_id}: macro-F1 is not judged")
-        gold = np.full(len(data), -1, dtype=np.int64)
-    golden = golden_from_labelled(data.texts, data.locales, gold, teacher, settings.cache_dir)
-    thresholds = Thresholds(
-        max_agreement_drop=args.max_agreement_drop,
-        max_f1_drop=args.max_f1_drop,
-        max_kl_growth=args.max_kl_growth,
-        max_language_agreement_drop=Thresholds.max_language_agreement_drop
-        if args.max_language_agreement_drop is None
-        else args.max_language_agreement_drop,
-        min_int8_parity=args.min_int8_parity,
-        max_latency_ratio=args.max_latency_ratio,
-        latency_budget_ms=args.latency_budget_ms,
-        new_label_set=args.new_label_set,
-        languages=None
-        if args.all_locales
-        else frozenset(x.strip().lower() for x in settings.served_languages.split(",") if x.strip()),
-    )
-    decision = evaluate_candidate(candidate, current, golden, thresholds)
-    report = decision.to_json()
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    for check in decision.checks:
-        mark = "ok  " if check.passed else "FAIL"
-        if isinstance(check.candidate, dict):  # per language: one line each, below
-            print(f"{mark} {check.name:<14} limit {_fmt(check.limit)}")
-            rows = decision.golden.get("languages", {})
-            for name in sorted(check.candidate):
-                judged = thresholds.languages is None or name in thresholds.languages
-                note = "" if judged else "  (not served: not judged)"
-                print(
-                    f"       {name:<8} candidate {check.candidate[name]:.4f}  current {_fmt(check.current.get(name))}  rows {rows.get(name, '?')}{note}"
-                )
-            continue
-        print(
-            f"{mark} {check.name:<14} candidate {_fmt(check.candidate)}  current {_fmt(check.current)}  limit {_fmt(check.limit)}"
-        )
-    if not decision.promote:
-        say(f"refused {candidate.version}: " + "; ".join(decision.reasons()))
-        return 3
-    if args.dry_run:
-        say(f"{candidate.version} passes the gate (dry run: not published)")
-        return 0
-    registry = Registry(settings.registry_dir)
-    if registry.current() is None:  # the first promotion: record what was served, for rollback
-        registry.publish(registry.add(current.directory))
-    release = registry.publish(registry.add(candidate.directory, report))
-    say(
-        f"promoted {release.version} (was {current.version}); workers reload it within {settings.model_poll_interval_s:g}s"
-    )
-    return 0
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def rollback(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.models.registry import Registry
-
-    old, new = Registry(settings.registry_dir).rollback()
-    say(
-        f"rolled back from {old.version} to {new.version}; workers reload it within {settings.model_poll_interval_s:g}s"
-    )
-    return 0
-
-
-def models(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.models.registry import Registry
-
-    registry = Registry(settings.registry_dir)
-    current = registry.current()
-    if current is None:
-        print(f"no promoted model in {settings.registry_dir}: workers serve {settings.student_dir}")
-        return 0
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(current.promoted_at))
-    print(f"current   {current.version}  ({current.action} {stamp} UTC)")
-    for release in reversed(registry.history()):
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(release.promoted_at))
-        print(f"previous  {release.version}  ({release.action} {stamp} UTC)")
     return 0
 
 

@@ -40,7 +40,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,15 +181,18 @@ class Decision:
 
 
 def _parity(student: Student, golden: GoldenSet, int8_logits: Logits) -> tuple[float, str]:
+    """(INT8/FP32 agreement, where it comes from); not a number for a model that serves FP32."""
+    int8 = student.card.get("int8")
+    if isinstance(int8, dict) and not int8.get("shipped", True):  # fp32.onnx beside it is model.onnx
+        refused = (int8.get("parity") or {}).get("label_agreement")
+        note = f" (its INT8 export agreed {refused:.2%}: not shipped)" if isinstance(refused, float) else ""
+        return float("nan"), f"n/a: FP32 served{note}"
     fp32 = student.directory / "fp32.onnx"
     if fp32.is_file():
         reference = Student(student.directory, model_file="fp32.onnx")
         values = chunked_logits(golden.texts, reference, rows=64)
         return float(np.mean(values.argmax(1) == int8_logits.argmax(1))), "measured vs fp32.onnx"
-    int8 = student.card.get("int8")
     if isinstance(int8, dict):
-        if not int8.get("shipped", True):
-            return 1.0, "card: FP32 served"
         parity = int8.get("parity", {})
         if isinstance(parity, dict) and "label_agreement" in parity:
             return float(parity["label_agreement"]), "card"
@@ -323,7 +326,9 @@ def decide(candidate: ModelReport, current: ModelReport, golden: GoldenSet, t: T
         )
     )
     checks.append(_language_agreement_check(candidate, current, golden, t))
-    ok = bool(np.isfinite(candidate.int8_parity) and candidate.int8_parity >= t.min_int8_parity)
+    # An FP32 model has no quantisation to judge (its cost shows in the latency check).
+    fp32 = candidate.int8_parity_source.startswith("n/a")
+    ok = fp32 or bool(np.isfinite(candidate.int8_parity) and candidate.int8_parity >= t.min_int8_parity)
     checks.append(
         Check(
             "int8_parity",
@@ -464,8 +469,10 @@ def golden_from_labelled(
     gold: npt.NDArray[np.int64],
     teacher: Any,
     cache_dir: Path,
+    on_progress: Callable[[int], None] | None = None,
 ) -> GoldenSet:
-    """The golden set with the teacher's logits, computed once per (texts, gold, teacher) and cached."""
+    """The golden set with the teacher's logits, computed once per (texts, gold, teacher) and cached;
+    ``on_progress(n)`` hears of each chunk of ``n`` texts the teacher labels."""
     labels = tuple(teacher.labels)
     key = GoldenSet.key(texts, [int(g) for g in gold], teacher.identity)
     path = cache_dir / "golden" / f"{key}.npz"
@@ -473,7 +480,12 @@ def golden_from_labelled(
     fresh = logits is None
     if logits is None:
         log.info("golden_labelling", n=len(texts), teacher=teacher.identity)
-        logits = teacher.logits(list(texts))
+        chunks = []
+        for chunk in teacher.iter_logits(list(texts), chunk_size=256):
+            chunks.append(chunk)
+            if on_progress is not None:
+                on_progress(len(chunk))
+        logits = np.concatenate(chunks) if chunks else teacher.logits([])
     golden = GoldenSet(list(texts), list(locales), gold, logits, labels, key, teacher.label_set_id)
     if fresh:
         golden.save(path)

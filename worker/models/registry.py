@@ -163,8 +163,16 @@ class Registry:
     def rollback(self) -> tuple[Release, Release]:
         """Point back at the previous version; returns (from, to)."""
         raw = self._read()
-        if not raw or not raw.get("previous"):
-            raise ModelError(f"nothing to roll back to: {self.pointer} has no previous version")
+        if not raw:
+            raise ModelError(
+                f"nothing to roll back: no model has been promoted in {self.root}, so the workers serve "
+                "the student of INTENT_STUDENT_DIR (`intent-worker promote DIR` publishes one)"
+            )
+        if not raw.get("previous"):
+            version = raw.get("current", {}).get("version", "?")
+            raise ModelError(
+                f"nothing to roll back to: {version} is the only version promoted in {self.root}"
+            )
         previous = [Release.from_dict(r) for r in raw["previous"]]
         back = previous.pop()
         now = Release(back.version, back.path, time.time(), action="rollback")
