@@ -77,6 +77,10 @@ class Utterance:
         return dumps(self.to_dict())
 
 
+#: Longest label-set id an intent carries (``name@hash``; the schema's maxLength).
+MAX_LABEL_SET_CHARS = 200
+
+
 @dataclass(frozen=True, slots=True)
 class Intent:
     """``intent.v1``: the student's label for one utterance."""
@@ -90,6 +94,8 @@ class Intent:
     locale: str | None
     latency_ms: float
     timestamp: float
+    #: The model's label-set id (added to v1 compatibly: absent in earlier records, read as None).
+    label_set: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
@@ -104,6 +110,7 @@ class Intent:
             locale=fields.nullable_string("locale", max_len=MAX_LOCALE_CHARS),
             latency_ms=fields.number("latency_ms"),
             timestamp=fields.number("timestamp"),
+            label_set=fields.optional_string("label_set", max_len=MAX_LABEL_SET_CHARS),
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -116,6 +123,7 @@ class Intent:
             "locale": self.locale,
             "latency_ms": self.latency_ms,
             "timestamp": self.timestamp,
+            "label_set": self.label_set,
         }
 
     def to_json_bytes(self) -> bytes:

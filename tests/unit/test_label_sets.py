@@ -15,6 +15,7 @@ from worker.loop.dataset import DatasetWriter, ShardRows, read_manifest
 from worker.loop.label_sets import common_label_set, manifest_label_set
 from worker.models.onnx import label_names_id
 from worker.models.student import Student
+from worker.stream.app import LabelContract, check_label_set
 
 LABELS = ("Action", "Other", "Recall")
 
@@ -84,3 +85,33 @@ def test_labels_that_contradict_the_declared_label_set_are_refused(tmp_path: Pat
     directory = _student_copy(tmp_path, label_set="intents-3@abc", labels=["Action", "Other", "Purchase"])
     with pytest.raises(ModelError, match=r"contradicts card\.json"):
         Student(directory)
+
+
+def _relabelled(tmp_path: Path, name: str, labels: list[str], label_set: str | None) -> Student:
+    directory = tmp_path / name
+    shutil.copytree(MODELS_DIR / "student", directory)
+    (directory / "labels.json").write_text(json.dumps(labels))
+    card = json.loads((directory / "card.json").read_text())
+    card.update(labels=labels, version=name)
+    if label_set is not None:
+        card["label_set"] = label_set
+    (directory / "card.json").write_text(json.dumps(card))
+    return Student(directory)
+
+
+def test_the_worker_accepts_a_declared_new_label_set_and_refuses_a_broken_one(tmp_path: Path) -> None:
+    three, other_three = ["Action", "Other", "Recall"], ["Action", "Other", "Purchase"]
+    legacy = LabelContract.of(Student(MODELS_DIR / "student"))
+    # Students older than label sets: the names are the contract, as before.
+    with pytest.raises(ModelError, match="has labels"):
+        check_label_set(_relabelled(tmp_path, "legacy-renamed", other_three, None), legacy)
+    check_label_set(_relabelled(tmp_path, "legacy-same", three, None), legacy)
+    # A card that names another label set is a deliberate change (the gate asked for it).
+    new = _relabelled(tmp_path, "new", other_three, "routes@bbbbbbbbbbbb")
+    check_label_set(new, legacy)
+    # And back again: a rollback to the old student from the new label set.
+    check_label_set(Student(MODELS_DIR / "student"), LabelContract.of(new))
+    # One label set with other names is a broken model.
+    broken = _relabelled(tmp_path, "broken", three, "routes@bbbbbbbbbbbb")
+    with pytest.raises(ModelError, match="in the same label set routes@bbbbbbbbbbbb"):
+        check_label_set(broken, LabelContract.of(new))

@@ -80,6 +80,7 @@ def make_pipeline(
         sink=sink if sink is not None else MemoryBufferSink(counters=counters),
         metrics=WorkerMetrics(),
         options=PipelineOptions(**options),
+        label_set="three@1",
     )
 
 
@@ -239,7 +240,7 @@ def test_a_failure_is_reported_at_once_not_at_the_next_batch() -> None:
     assert str(failure) == "broker said no"
 
 
-def test_a_swap_mid_batch_leaves_that_batch_to_the_old_model_and_labels_each_output_with_its_version() -> (
+def test_a_swap_mid_batch_leaves_that_batch_to_the_old_model_and_labels_each_output_with_its_version_and_label_set() -> (
     None
 ):
     def shouting(texts: Sequence[str]) -> tuple[list[Prediction], float]:
@@ -252,7 +253,7 @@ def test_a_swap_mid_batch_leaves_that_batch_to_the_old_model_and_labels_each_out
         with ThreadPoolExecutor(1) as executor:
             pipeline = make_pipeline(emitter, executor, sink=sink)
             await pipeline.submit([record(0, utterance(0, "set an alarm"))], lambda: None)
-            assert pipeline.swap(shouting, "new-model") == "test-model"  # batch 0 already started
+            assert pipeline.swap(shouting, "new-model", label_set="four@1") == "test-model"  # batch 0 started
             await pipeline.submit([record(1, utterance(1, "set an alarm"))], lambda: None)
             while pipeline.inflight:  # batch 1 emits only once batch 0 is acknowledged
                 await settle()
@@ -261,9 +262,9 @@ def test_a_swap_mid_batch_leaves_that_batch_to_the_old_model_and_labels_each_out
             await settle()
             await pipeline.close()
         intents = [Intent.from_json_bytes(value) for topic, _, value in emitter.sent if topic == INTENTS]
-        assert [(i.id, i.label, i.model_version) for i in intents] == [
-            ("u0", "Action", "test-model"),
-            ("u1", "Other", "new-model"),
+        assert [(i.id, i.label, i.model_version, i.label_set) for i in intents] == [
+            ("u0", "Action", "test-model", "three@1"),
+            ("u1", "Other", "new-model", "four@1"),
         ]
         assert [(s.id, s.model_version) for s in sink.samples] == [("u0", "test-model"), ("u1", "new-model")]
 

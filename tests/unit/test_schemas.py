@@ -53,6 +53,7 @@ def examples() -> list[Record]:
             locale="fr-FR",
             latency_ms=3.5,
             timestamp=1.7e9,
+            label_set="intents-3@1decba78354a",
         ),
         Intent(
             id="u-2", label="x", scores={"x": 1.0}, model_version="v", locale=None, latency_ms=0, timestamp=0
@@ -124,7 +125,8 @@ ADDED_IN_V1 = {
         "error_message_size",
         "error_message_truncated",
         "reason",
-    }
+    },
+    "intent.v1": {"label_set"},
 }
 
 
@@ -247,6 +249,13 @@ def test_unknown_fields_are_ignored_and_optional_fields_default() -> None:
     utterance = Utterance.from_json_bytes(raw)
     assert utterance == Utterance(id="a", text="book a table")
     assert utterance.locale is None and utterance.metadata == {} and utterance.schema_version == 1
+
+
+def test_intents_from_before_label_sets_still_read() -> None:
+    record = Intent("u", "Action", {"Action": 1.0}, "v", None, 1.0, 2.0, label_set="x@1").to_dict()
+    del record["label_set"]
+    assert validator("intent.v1").is_valid(record)
+    assert Intent.from_json_bytes(json.dumps(record).encode()).label_set is None
 
 
 def test_the_text_limit_is_configurable() -> None:

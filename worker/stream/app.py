@@ -91,7 +91,7 @@ class ModelWatcher:
         self.settings = settings
         self.stamp = registry.stamp()
         self.retry_at = math.inf  # after a failed load: when to try the same pointer again
-        self.labels: tuple[str, ...] | None = None
+        self.served: LabelContract | None = None  # the labels and label set being served
 
     async def check(self) -> None:
         stamp = self.registry.stamp()
@@ -117,10 +117,19 @@ class ModelWatcher:
                 retry_in_s=RELOAD_RETRY_S,
             )
             return
-        old = self.pipeline.swap(*served)
+        previous = self.served
+        old = self.pipeline.swap(*served, label_set=student.label_set)
+        self.served = LabelContract.of(student)
         self.metrics.serving(student.version)
         self.metrics.model_reloads.labels("ok").inc()
         log.info("model_reloaded", old=old, new=student.version, action=release.action)
+        if previous is not None and previous.label_set != student.label_set:
+            log.warning(
+                "label_set_changed",
+                old=previous.label_set,
+                new=student.label_set,
+                labels=list(student.labels),
+            )
 
     def load(self, release: Release) -> Student:
         student = Student(self.registry.directory(release), threads=self.settings.inference_threads)
@@ -128,10 +137,44 @@ class ModelWatcher:
             raise ModelError(
                 f"{release.path} holds version {student.version}, the pointer says {release.version}"
             )
-        if self.labels is not None and set(student.labels) != set(self.labels):
-            # Routing services act on label names: a new label set is a new contract, not a reload.
-            raise ModelError(f"{release.version} has labels {list(student.labels)}, not {list(self.labels)}")
+        if self.served is not None:
+            check_label_set(student, self.served)
         return student
+
+
+@dataclass(frozen=True)
+class LabelContract:
+    """What consumers of the intents rely on: the label names, and the label set they belong to."""
+
+    labels: frozenset[str]
+    label_set: str
+    declared: bool  # the card names its label set (students from before label sets do not)
+
+    @classmethod
+    def of(cls, student: Student) -> LabelContract:
+        return cls(frozenset(student.labels), student.label_set, student.card.get("label_set") is not None)
+
+
+def check_label_set(student: Student, served: LabelContract) -> None:
+    """Refuse a student whose labels break the contract with what is ``served``.
+
+    Routing services act on label names. A student that names its label set in its card
+    (``label_set``, written by the trainer) may bring a new one: a deliberate change, which
+    the gate allows only with ``promote --new-label-set``, and which every intent then carries.
+    Between students older than label sets the names are the contract, as before; and one label
+    set with other names is a broken model.
+    """
+    if set(student.labels) == served.labels:
+        return
+    declared = student.card.get("label_set") is not None or served.declared
+    if declared and student.label_set != served.label_set:
+        return
+    raise ModelError(
+        f"{student.version} has labels {list(student.labels)}, not {sorted(served.labels)}, "
+        f"in the same label set {student.label_set}"
+        if declared
+        else f"{student.version} has labels {list(student.labels)}, not {sorted(served.labels)}"
+    )
 
 
 def serve(student: Student, settings: Settings) -> tuple[Classify, str, Callable[[], None] | None]:
@@ -264,13 +307,14 @@ def build_worker(
             max_record_bytes=settings.dlq_max_message_bytes,
         ),
         close_model=close_model,
+        label_set=student.label_set,
     )
     state = WorkerState()
     metrics.serving(student.version)
     metrics.attach(WorkerCollector(counters, lambda: sink.length, lambda: offsets.lag() or consumer_lag(app)))
     register_classifier(app, pipeline, state, max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
     watcher = ModelWatcher(Registry(settings.registry_dir), pipeline, metrics, settings)
-    watcher.labels = student.labels
+    watcher.served = LabelContract.of(student)
     worker = Worker(
         app,
         state,

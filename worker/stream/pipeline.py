@@ -104,6 +104,8 @@ class ServedModel:
     version: str
     #: Stops what serves it (a child process), once no batch uses it any more.
     close: Callable[[], None] | None = None
+    #: The label-set id every intent it makes carries (``Student.label_set``).
+    label_set: str | None = None
 
 
 def decode_batch(
@@ -176,10 +178,11 @@ class Pipeline:
         metrics: WorkerMetrics,
         options: PipelineOptions,
         close_model: Callable[[], None] | None = None,
+        label_set: str | None = None,
     ) -> None:
         #: Swapped whole by :meth:`swap`; a batch takes the one in force when it is submitted, so
         #: it is classified, labelled and sampled by one model even when a new one arrives.
-        self.model = ServedModel(classify, model_version, close_model)
+        self.model = ServedModel(classify, model_version, close_model, label_set)
         self.emitter = emitter
         self.executor = executor
         self.sampler = sampler
@@ -197,12 +200,19 @@ class Pipeline:
     def model_version(self) -> str:
         return self.model.version
 
-    def swap(self, classify: Classify, version: str, close: Callable[[], None] | None = None) -> str:
+    def swap(
+        self,
+        classify: Classify,
+        version: str,
+        close: Callable[[], None] | None = None,
+        label_set: str | None = None,
+    ) -> str:
         """Serve a new model from the next batch on; returns the version it replaces.
 
-        The old model is closed once every batch submitted before the swap has finished.
+        The old model is closed once every batch submitted before the swap has finished. A new
+        label set takes effect with the model: a batch's intents all carry the one it ran with.
         """
-        old, self.model = self.model, ServedModel(classify, version, close)
+        old, self.model = self.model, ServedModel(classify, version, close, label_set)
         if old.close is not None:
             task = asyncio.create_task(self._retire(old.close, [t for t in self._inflight if not t.done()]))
             self._retiring.add(task)
@@ -295,12 +305,12 @@ class Pipeline:
             self.metrics.inference_seconds.observe(elapsed_ms / 1000)
         if previous is not None:
             await previous  # emit and release in input order; a failed predecessor fails this batch
-        await self._emit(decoded, predictions, model.version)
+        await self._emit(decoded, predictions, model)
         release()
         self._count(decoded, predictions)
         self._sample(decoded, predictions, model.version)
 
-    async def _emit(self, decoded: Decoded, predictions: Sequence[Prediction], version: str) -> None:
+    async def _emit(self, decoded: Decoded, predictions: Sequence[Prediction], model: ServedModel) -> None:
         """Hand every output to the producer, then wait for all the broker's acks at once."""
         now = time.time()
         outputs = [
@@ -311,10 +321,11 @@ class Pipeline:
                     id=utterance.id,
                     label=prediction.label,
                     scores=prediction.scores,
-                    model_version=version,
+                    model_version=model.version,
                     locale=utterance.locale,
                     latency_ms=round(max(0.0, time.monotonic() - record.received) * 1000, 3),
                     timestamp=now,
+                    label_set=model.label_set,
                 ).to_json_bytes(),
             )
             for (record, utterance), prediction in zip(decoded.utterances, predictions, strict=True)
