@@ -62,7 +62,7 @@ bench-pruned: setup ## Pruned-transformer students vs teacher, cnn, bag (trains 
 bench-worker: setup ## Worker must-shows (throughput vs raw/Faust ceilings, latency, scaling, bad input, Redis outage, fresh start; ~17 min): benchmarks/results/worker.json
 	$(BIN)/python benchmarks/bench_worker.py
 
-loop-demo: corpus ## The closed loop on real services: replay, sample, label, train, gate, promote + rollback under traffic (~40 min): benchmarks/results/flywheel.json
+loop-demo: corpus ## The loop on multilingual traffic, real services: replay through gen 0, sample, label, train gen 1, gate per language, promote + rollback under traffic (~25 min): benchmarks/results/flywheel.json
 	$(BIN)/python benchmarks/flywheel.py
 
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
