@@ -88,3 +88,36 @@ def test_promoted_models_are_hot_reloaded_and_broken_ones_refused(
             assert later.wait_healthy()["model_version"] == "cnn-hot"
             old, now = registry.rollback()
             assert (old.version, now.version) == ("cnn-broken", "cnn-hot")
+
+
+def test_a_reload_loads_the_model_once_where_it_runs(
+    tmp_path: Path, redis_service: EmbeddedService, student: Path, unique_name: str
+) -> None:
+    """Start-up and each reload load the student once: in the inference child (the worker reads
+    only the card and labels), or in the worker itself without the child."""
+    registry = Registry(tmp_path / "registry")
+    extra = {"INTENT_REGISTRY_DIR": str(registry.root), "INTENT_MODEL_POLL_INTERVAL_S": "0.2"}
+
+    def loads(worker: WorkerProcess) -> dict[str, float]:
+        metrics = worker.metrics()
+        return {
+            p: metrics[f'intent_worker_model_loads_total{{process="{p}"}}'] for p in ("worker", "inference")
+        }
+
+    with start_kafka(tmp_path / "tansu") as kafka:
+        asyncio.run(create_topics(kafka.bootstrap, dict.fromkeys((UTTERANCES, INTENTS, DEAD_LETTERS), 2)))
+        for where, in_process in (("inference", "true"), ("worker", "false")):
+            worker = WorkerProcess(
+                kafka=kafka.bootstrap, redis=redis_service.url, run_dir=tmp_path / where,
+                group=f"{unique_name}-{where}", prefix=f"{unique_name}-{where}", student=student,
+                partitions=2, extra={**extra, "INTENT_INFERENCE_PROCESS": in_process},
+            )  # fmt: skip
+            with worker:
+                worker.wait_healthy()
+                assert loads(worker) == {"worker": 0, "inference": 0, where: 1}
+                version = f"cnn-once-{where}"
+                registry.publish(registry.add(_copy(student, tmp_path / version, version)))
+                _wait_for_version(worker, version)
+                assert loads(worker) == {"worker": 0, "inference": 0, where: 2}
+                started = [e for e in worker.log_events() if e.get("event") == "inference_process_started"]
+                assert len(started) == (2 if where == "inference" else 0)

@@ -15,7 +15,8 @@ import torch
 from tokenizers import Tokenizer
 
 from worker.errors import ModelError
-from worker.models.student import REQUIRED_FILES, Student, classify
+from worker.models.registry import REQUIRED_FILES
+from worker.models.student import Student, classify
 from worker.teacher.e5format import E5File, default_weights_path
 from worker.teacher.tokenizer import build_tokenizer
 from worker.training.distil import Example, TrainConfig, TrainResult, train_student

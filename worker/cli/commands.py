@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,12 +34,14 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     os.environ.setdefault("RAYON_NUM_THREADS", str(settings.inference_threads))
     from worker.connections import KafkaConnection, RedisConnection
     from worker.dev.services import RunState, ensure_services, redact_url
-    from worker.models.registry import initial_student
+    from worker.models.registry import initial_model
     from worker.stream.admin import create_topics
-    from worker.stream.app import build_worker, resolve_web_port, run_worker
+    from worker.stream.app import build_worker, open_student, resolve_web_port, run_worker
     from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
 
-    student = initial_student(settings)  # fail before starting anything
+    # Fail before starting anything; with the inference process the model loads there, once.
+    opened = initial_model(settings, partial(open_student, settings=settings))
+    student = opened.card
     partitions = args.partitions or settings.topic_partitions
     loop = asyncio.new_event_loop()  # faust's worker runs on this loop too
     asyncio.set_event_loop(loop)
@@ -58,6 +61,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
                 ),
                 student=student,
                 web_port=resolve_web_port(settings),
+                served=opened.served,
             )
             state = RunState(
                 services.kafka_bootstrap, redact_url(services.redis_url), worker.web_url, os.getpid()

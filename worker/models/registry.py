@@ -17,9 +17,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from worker.models.student import Student
 
 log = structlog.get_logger(__name__)
+
+_Model = TypeVar("_Model")
 
 POINTER = "current.json"
 SCHEMA_VERSION = 1
@@ -180,12 +183,10 @@ class Registry:
         return Release.from_dict(raw["current"]), now
 
 
-def initial_student(settings: Settings) -> Student:
-    """The model to start with: the registry's current version, else the first previous one that
-    loads, else ``student_dir`` (a broken promotion never keeps a new worker from starting)."""
-    # Imported here: promote and rollback use the registry without loading onnxruntime.
-    from worker.models.student import Student
-
+def initial_model(settings: Settings, open_model: Callable[[Path], _Model]) -> _Model:
+    """The model to start with, as ``open_model`` opens its directory: the registry's current
+    version, else the first previous one that opens, else ``student_dir`` (a broken promotion
+    never keeps a new worker from starting)."""
     registry = Registry(settings.registry_dir)
     try:
         releases = [r for r in (registry.current(), *reversed(registry.history())) if r is not None]
@@ -194,7 +195,15 @@ def initial_student(settings: Settings) -> Student:
         releases = []
     for release in releases:
         try:
-            return Student(registry.directory(release), threads=settings.inference_threads)
+            return open_model(registry.directory(release))
         except ModelError as exc:
             log.error("registry_model_unusable", version=release.version, error=str(exc))
-    return Student(settings.student_dir, threads=settings.inference_threads)
+    return open_model(settings.student_dir)
+
+
+def initial_student(settings: Settings) -> Student:
+    """:func:`initial_model`, loaded in this process (``promote`` measures it)."""
+    # Imported here: promote and rollback use the registry without loading onnxruntime.
+    from worker.models.student import Student
+
+    return initial_model(settings, lambda directory: Student(directory, threads=settings.inference_threads))

@@ -2,16 +2,17 @@
 
 A model directory holds ``model.onnx`` (``input_ids``, ``attention_mask`` int64
 ``[batch, sequence]`` -> ``logits`` float ``[batch, C]``), ``tokenizer.json``,
-``labels.json`` and ``card.json``. A directory missing any of them is refused.
+``labels.json`` and ``card.json`` (read by :class:`~worker.models.card.StudentCard`).
+A directory missing any of them is refused.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -19,8 +20,8 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from worker.errors import ModelError
-from worker.models.onnx import clean_text, label_names_id, pad_batch, read_labels, session_options
-from worker.models.registry import REQUIRED_FILES
+from worker.models.card import StudentCard
+from worker.models.onnx import clean_text, pad_batch, session_options
 
 Logits = npt.NDArray[np.float32]
 
@@ -35,31 +36,16 @@ class Prediction:
     logits: tuple[float, ...]
 
 
-class Student:
-    """A loaded student: tokenizer + ONNX session + label list + card."""
+class Student(StudentCard):
+    """A loaded student: its card and labels, the tokenizer and the ONNX session."""
+
+    #: Students this process has loaded (an ONNX session each): ``intent_worker_model_loads_total``.
+    loads: ClassVar[int] = 0
 
     def __init__(
         self, directory: Path, *, threads: int = 1, max_length: int = 128, model_file: str = "model.onnx"
     ) -> None:
-        missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
-        if missing:
-            raise ModelError(f"model directory {directory} lacks {', '.join(missing)}")
-        self.directory = directory
-        try:
-            self.card: dict[str, object] = json.loads((directory / "card.json").read_text())
-        except ValueError as exc:
-            raise ModelError(f"{directory}/card.json is not valid JSON: {exc}") from exc
-        self.labels = read_labels(directory / "labels.json")
-        declared = self.card.get("label_set")
-        if declared is not None and (
-            not isinstance(declared, str) or self.card.get("labels") != list(self.labels)
-        ):
-            # A card that names its label set also lists its labels: labels.json must agree,
-            # or the directory is broken (a hand-edited or half-copied label list).
-            raise ModelError(
-                f"{directory}: labels.json {list(self.labels)} contradicts card.json "
-                f"(label_set {declared!r}, labels {self.card.get('labels')})"
-            )
+        super().__init__(directory)
         try:
             self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
             self._session = ort.InferenceSession(
@@ -80,17 +66,7 @@ class Student:
             raise ModelError(
                 f"{directory}: model outputs {width} logits but labels.json has {len(self.labels)}"
             )
-
-    @property
-    def version(self) -> str:
-        return str(self.card.get("version", self.directory.name))
-
-    @property
-    def label_set(self) -> str:
-        """The label set the student was distilled on: its card's ``label_set`` (the teacher's
-        label-set id), else the id of its label names (students older than label sets)."""
-        declared = self.card.get("label_set")
-        return declared if isinstance(declared, str) else label_names_id(self.labels)
+        Student.loads += 1
 
     def logits(self, texts: Sequence[str]) -> Logits:
         """Raw logits for ``texts``, padded to the longest text of the batch."""

@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 
@@ -51,6 +51,9 @@ STOP_TIMEOUT_S = 10.0
 
 class StudentProcess:
     """A student directory served by a child process; :meth:`classify` is the pipeline's ``Classify``."""
+
+    #: Children this process has started that loaded their student (one ONNX session each).
+    loads: ClassVar[int] = 0
 
     def __init__(self, directory: Path, *, threads: int, rows: int) -> None:
         ours, theirs = socket.socketpair()
@@ -85,6 +88,7 @@ class StudentProcess:
             raise
         self.version: str = reply[1]
         self.labels: tuple[str, ...] = tuple(reply[2])
+        StudentProcess.loads += 1
         log.info("inference_process_started", pid=self.pid, version=self.version, directory=str(directory))
 
     @property

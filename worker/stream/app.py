@@ -30,6 +30,7 @@ from worker.config import Settings
 from worker.connections import KafkaConnection, RedisConnection, SecurityProtocol
 from worker.errors import ModelError, ServiceError
 from worker.logging import stdlib_logging_config
+from worker.models.card import StudentCard
 from worker.models.registry import Registry, Release
 from worker.models.student import Student, classify_chunked
 from worker.models.student_process import StudentProcess
@@ -41,7 +42,13 @@ from worker.stream.faust_adapter import (
     serve_only_our_views,
     use_fetch_wait,
 )
-from worker.stream.metrics import PartitionLag, WorkerCollector, WorkerMetrics, lag_by_partition
+from worker.stream.metrics import (
+    ModelLoadCollector,
+    PartitionLag,
+    WorkerCollector,
+    WorkerMetrics,
+    lag_by_partition,
+)
 from worker.stream.offsets import CHECK_INTERVAL_S as OFFSET_CHECK_INTERVAL_S
 from worker.stream.offsets import OffsetGuard, OffsetResetPolicy, broker_silent_s
 from worker.stream.pipeline import Classify, Pipeline, PipelineOptions
@@ -103,8 +110,8 @@ class ModelWatcher:
             release = self.registry.current()
             if release is None or release.version == self.pipeline.model_version:
                 return
-            student = await asyncio.to_thread(self.load, release)
-            served = await asyncio.to_thread(serve, student, self.settings)
+            student = await asyncio.to_thread(self.read, release)
+            served = await asyncio.to_thread(serve, student, self.settings)  # the one load
         # Any failure of a reload (a bad file, a half-copied volume, onnxruntime) must leave the
         # worker serving what it has: a crashing timer would take the whole worker down.
         except Exception as exc:
@@ -131,8 +138,9 @@ class ModelWatcher:
                 labels=list(student.labels),
             )
 
-    def load(self, release: Release) -> Student:
-        student = Student(self.registry.directory(release), threads=self.settings.inference_threads)
+    def read(self, release: Release) -> StudentCard:
+        """The release's card and labels, checked; the model itself is loaded once, by :func:`serve`."""
+        student = StudentCard(self.registry.directory(release))
         if student.version != release.version:
             raise ModelError(
                 f"{release.path} holds version {student.version}, the pointer says {release.version}"
@@ -151,11 +159,11 @@ class LabelContract:
     declared: bool  # the card names its label set (students from before label sets do not)
 
     @classmethod
-    def of(cls, student: Student) -> LabelContract:
+    def of(cls, student: StudentCard) -> LabelContract:
         return cls(frozenset(student.labels), student.label_set, student.card.get("label_set") is not None)
 
 
-def check_label_set(student: Student, served: LabelContract) -> None:
+def check_label_set(student: StudentCard, served: LabelContract) -> None:
     """Refuse a student whose labels break the contract with what is ``served``.
 
     Routing services act on label names. A student that names its label set in its card
@@ -177,11 +185,16 @@ def check_label_set(student: Student, served: LabelContract) -> None:
     )
 
 
-def serve(student: Student, settings: Settings) -> tuple[Classify, str, Callable[[], None] | None]:
-    """How the pipeline runs ``student``: the classify callable, the version, and how to stop it.
+#: How the pipeline runs a student: the classify callable, the version, and how to stop it.
+Served = tuple[Classify, str, Callable[[], None] | None]
 
-    With ``inference_process`` (the default) the model runs in a child process of its own
-    (:mod:`worker.models.student_process`); otherwise on the pipeline's inference thread.
+
+def serve(student: StudentCard, settings: Settings) -> Served:
+    """Load ``student`` where it will run, once, and say how the pipeline runs it.
+
+    With ``inference_process`` (the default) the model is loaded and run by a child process of
+    its own (:mod:`worker.models.student_process`), and this process holds only its card;
+    otherwise it is loaded here and runs on the pipeline's inference thread.
     """
     if settings.inference_process:
         process = StudentProcess(
@@ -193,7 +206,28 @@ def serve(student: Student, settings: Settings) -> tuple[Classify, str, Callable
                 f"{student.directory} changed while loading: {process.version} != {student.version}"
             )
         return process.classify, process.version, process.close
-    return partial(classify_chunked, student=student, rows=settings.inference_rows), student.version, None
+    loaded = (
+        student
+        if isinstance(student, Student)
+        else Student(student.directory, threads=settings.inference_threads)
+    )
+    if loaded.version != student.version:
+        raise ModelError(f"{student.directory} changed while loading: {loaded.version} != {student.version}")
+    return partial(classify_chunked, student=loaded, rows=settings.inference_rows), loaded.version, None
+
+
+@dataclass(frozen=True)
+class OpenStudent:
+    """A student directory being served: its card, and how the pipeline runs it."""
+
+    card: StudentCard
+    served: Served
+
+
+def open_student(directory: Path, settings: Settings) -> OpenStudent:
+    """Read ``directory``'s card and serve it (:func:`serve`: the one load of the model)."""
+    card = StudentCard(directory)
+    return OpenStudent(card, serve(card, settings))
 
 
 def resolve_web_port(settings: Settings) -> int:
@@ -267,10 +301,14 @@ def build_worker(
     *,
     kafka_bootstrap: str,
     redis_url: str | RedisConnection,
-    student: Student,
+    student: StudentCard,
     web_port: int,
+    served: Served | None = None,
 ) -> Worker:
-    """The faust app with the classify agent, its pipeline, and the web views."""
+    """The faust app with the classify agent, its pipeline, and the web views.
+
+    ``served``: ``student`` already being served (:func:`open_student`); else it is served here.
+    """
     datadir = settings.run_dir / "faust" / settings.consumer_group
     datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     app = new_faust_app(
@@ -289,7 +327,7 @@ def build_worker(
     sampler = Sampler(SamplingPolicy.from_settings(settings), counters=counters)
     # One thread: inference runs in arrival order, and onnxruntime's own threads do the parallel work.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
-    classify, version, close_model = serve(student, settings)
+    classify, version, close_model = served or serve(student, settings)
     pipeline = Pipeline(
         classify,
         version,
@@ -312,6 +350,7 @@ def build_worker(
     state = WorkerState()
     metrics.serving(student.version)
     metrics.attach(WorkerCollector(counters, lambda: sink.length, lambda: offsets.lag() or consumer_lag(app)))
+    metrics.attach(ModelLoadCollector())
     register_classifier(app, pipeline, state, max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
     watcher = ModelWatcher(Registry(settings.registry_dir), pipeline, metrics, settings)
     watcher.served = LabelContract.of(student)

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from worker.models.student import Student
+from worker.models.student_process import StudentProcess
 from worker.stream.sampling import BufferCounters
 
 PREFIX = "intent_worker"
@@ -75,6 +77,26 @@ class WorkerCollector(Collector):
         for entry in self.lag():
             lag.add_metric([entry.topic, str(entry.partition)], entry.lag)
         yield lag
+
+
+class ModelLoadCollector(Collector):
+    """``intent_worker_model_loads_total``: students loaded, by the process holding the session.
+
+    Read from the classes that load them, so a load anywhere in this process counts: ``worker``
+    (this process, :class:`~worker.models.student.Student`) or ``inference`` (a child,
+    :class:`~worker.models.student_process.StudentProcess`). With the inference process, one
+    start or one hot reload adds one ``inference`` load and no ``worker`` load.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        loads = CounterMetricFamily(
+            f"{PREFIX}_model_loads",
+            "Student models loaded (one ONNX session each), by process: worker (this one) or inference (a child).",
+            labels=["process"],
+        )
+        loads.add_metric(["worker"], Student.loads)
+        loads.add_metric(["inference"], StudentProcess.loads)
+        yield loads
 
 
 class WorkerMetrics:
