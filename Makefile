@@ -62,10 +62,13 @@ bench-pruned: setup ## Pruned-transformer students vs teacher, cnn, bag (trains 
 bench-worker: setup ## Worker must-shows (throughput vs raw/Faust ceilings, latency, scaling, bad input, Redis outage, fresh start; ~17 min): benchmarks/results/worker.json
 	$(BIN)/python benchmarks/bench_worker.py
 
+bench-faults: setup ## Faults survived on real Tansu, valkey, worker and labeller processes (broker frozen/restarted, worker/labeller killed, Redis frozen, poison pills, bad inputs; ~10 min): benchmarks/results/faults.json
+	$(BIN)/python benchmarks/faults.py
+
 loop-demo: corpus ## The loop on multilingual traffic, real services: replay through gen 0, sample, label, train gen 1, gate per language, promote + rollback under traffic (~25 min): benchmarks/results/flywheel.json
 	$(BIN)/python benchmarks/flywheel.py
 
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus student students bench bench-pruned bench-worker loop-demo clean
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus student students bench bench-pruned bench-worker bench-faults loop-demo clean
