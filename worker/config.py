@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.schemas import DLQ_MAX_KEY_BYTES, MAX_TEXT_CHARS
 from worker.topics import DEFAULT_REDIS_PREFIX, LABELLER_GROUP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +21,182 @@ RUN_DIR = REPO_ROOT / ".run"
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "intent-worker"
+
+
+#: Primary subtags of the languages the service promises (the default of INTENT_SERVED_LANGUAGES).
+SERVED_LANGUAGES = tuple(
+    [
+        "ko",
+        "en",
+        "ja",
+        "zh",
+        "es",
+        "fr",
+        "de",
+        "pt",
+        "it",
+        "ru",
+        "ar",
+        "hi",
+        "th",
+        "vi",
+        "id",
+        "tr",
+        "nl",
+        "pl",
+    ]
+)
+
+
+def default_of(model: type[BaseModel], name: str) -> Any:
+    """The default of one field of a settings model. The plain options classes the code takes
+    (``PipelineOptions``, ``SamplingPolicy``, ``LabellerOptions``, ``Thresholds``) and the
+    command line default to it, so each default is written once, here."""
+    return model.model_fields[name].get_default(call_default_factory=True)
+
+
+class PipelineSettings(BaseSettings):
+    """The stream pipeline: micro-batches, inputs and dead letters (``INTENT_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="INTENT_", frozen=True, extra="ignore")
+
+    max_batch: int = Field(
+        default=256, ge=1, description="Most utterances in one micro-batch (stream.take_events)."
+    )
+    max_wait_s: float = Field(
+        default=0.01, gt=0, description="Longest a micro-batch waits to fill before it is classified."
+    )
+    max_inflight_batches: int = Field(
+        default=2,
+        ge=1,
+        description="Micro-batches classified or awaiting broker acks at once (pipelining; 1: one at a time).",
+    )
+    max_text_chars: int = Field(
+        default=MAX_TEXT_CHARS,
+        ge=1,
+        description="Longest utterance text accepted; longer ones are dead-lettered.",
+    )
+    dlq_max_original_bytes: int = Field(
+        default=512 * 1024,
+        ge=0,
+        description="Original bytes kept in a dead letter (base64 grows them by 4/3); longer ones are truncated.",
+    )
+
+    buffer_max_pending_writes: int = Field(
+        default=4,
+        ge=1,
+        description="Buffer writes in flight at once; samples of further batches are dropped (backlog).",
+    )
+
+    dlq_max_key_bytes: int = Field(
+        default=DLQ_MAX_KEY_BYTES,
+        ge=0,
+        description="Bytes of an input's key kept in its dead letter (its own key and original_key_base64); longer keys are cut.",
+    )
+    dlq_max_message_bytes: int = Field(
+        default=900_000,
+        ge=16 * 1024,
+        description="Largest dead letter record (key + value); its original bytes are cut to fit. Keep it under the producer's 1,000,000-byte request limit.",
+    )
+
+
+class SamplingSettings(BaseSettings):
+    """Which predictions go to the Redis buffer (``INTENT_SAMPLE_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="INTENT_SAMPLE_", frozen=True, extra="ignore")
+
+    rate: float = Field(
+        default=0.1, gt=0, le=1, description="Highest inclusion probability of an utterance in its stratum."
+    )
+    budget_per_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="Samples per second across all strata, shared equally by the active (locale, label) strata.",
+    )
+    uncertain_margin: float = Field(
+        default=0.2, ge=0, le=1, description="Top-2 probability margin below which a prediction is uncertain."
+    )
+    uncertain_rate: float = Field(
+        default=0.5, ge=0, le=1, description="Highest extra inclusion probability of an uncertain prediction."
+    )
+    uncertain_budget_per_s: float = Field(
+        default=10.0, ge=0, description="Extra samples per second for uncertain predictions."
+    )
+    rate_window_s: float = Field(
+        default=60.0, gt=0, description="Time constant of the per-stratum arrival-rate estimate."
+    )
+    dedup_window_s: float = Field(
+        default=3600.0, ge=0, description="A normalised text is sampled at most once in this window (0: off)."
+    )
+    dedup_max_entries: int = Field(
+        default=100_000, ge=1, description="Memory bound of the in-process duplicate filter."
+    )
+    dedup_in_redis: bool = Field(
+        default=True, description="Also suppress duplicates across workers with Redis keys (SET NX EX)."
+    )
+
+
+class LabellerSettings(BaseSettings):
+    """The labelling job (``INTENT_LABELLER_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="INTENT_LABELLER_", frozen=True, extra="ignore")
+
+    group: str = Field(
+        default=LABELLER_GROUP, min_length=1, description="Redis consumer group the labelling jobs share."
+    )
+    shard_rows: int = Field(
+        default=1024, ge=1, description="Buffer entries labelled and written as one Parquet shard."
+    )
+    claim_idle_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A buffer entry pending this long with a labeller that stopped is taken over.",
+    )
+
+    max_deliveries: int = Field(
+        default=16,
+        ge=1,
+        description="An entry delivered more often than this (by then alone) is dead-lettered as poison.",
+    )
+
+
+class GateSettings(BaseSettings):
+    """The promotion gate's thresholds (``INTENT_GATE_*``); ``promote`` options override them."""
+
+    model_config = SettingsConfigDict(env_prefix="INTENT_GATE_", frozen=True, extra="ignore")
+
+    max_agreement_drop: float = Field(
+        default=0.005, ge=0, description="Most the candidate's agreement with the teacher may fall."
+    )
+    max_f1_drop: float = Field(default=0.005, ge=0, description="Most macro-F1 on gold labels may fall.")
+    max_kl_growth: float = Field(
+        default=0.10, ge=0, description="Most KL to the teacher may grow, relative, per served locale."
+    )
+    kl_slack: float = Field(
+        default=0.005,
+        ge=0,
+        description="Absolute KL (nats) a locale may grow by whatever its relative growth.",
+    )
+    min_locale_rows: int = Field(
+        default=50, ge=1, description="Rows a locale needs before its KL and agreement are judged."
+    )
+    max_language_agreement_drop: float = Field(
+        default=0.01,
+        ge=0,
+        description="Most a served language's agreement may drop, when the drop is beyond chance (McNemar).",
+    )
+    min_int8_parity: float = Field(
+        default=0.995, ge=0, le=1, description="Least INT8/FP32 top-1 agreement of an INT8 candidate."
+    )
+    max_latency_ratio: float = Field(
+        default=1.25, gt=0, description="Most the candidate's p50 latency may grow, relative."
+    )
+    latency_slack_ms: float = Field(
+        default=0.05, ge=0, description="Absolute p50 growth always allowed (sub-millisecond medians jitter)."
+    )
+    latency_budget_ms: float | None = Field(
+        default=None, gt=0, description="A p50 latency (ms) the candidate may always use; unset: none."
+    )
 
 
 class Settings(BaseSettings):
@@ -76,48 +254,9 @@ class Settings(BaseSettings):
         description="Namespace of every Redis key the worker writes.",
     )
 
-    # Inputs and dead letters.
-    max_text_chars: int = Field(
-        default=10_000, ge=1, description="Longest utterance text accepted; longer ones are dead-lettered."
-    )
-    dlq_max_original_bytes: int = Field(
-        default=512 * 1024,
-        ge=0,
-        description="Original bytes kept in a dead letter (base64 grows them by 4/3); longer ones are truncated.",
-    )
-
     # The sampled buffer in Redis.
     buffer_maxlen: int = Field(
         default=50_000, ge=1, description="Approximate length cap of the Redis buffer stream (XADD MAXLEN ~)."
-    )
-    sample_rate: float = Field(
-        default=0.1, gt=0, le=1, description="Highest inclusion probability of an utterance in its stratum."
-    )
-    sample_budget_per_s: float = Field(
-        default=20.0,
-        gt=0,
-        description="Samples per second across all strata, shared equally by the active (locale, label) strata.",
-    )
-    sample_uncertain_margin: float = Field(
-        default=0.2, ge=0, le=1, description="Top-2 probability margin below which a prediction is uncertain."
-    )
-    sample_uncertain_rate: float = Field(
-        default=0.5, ge=0, le=1, description="Highest extra inclusion probability of an uncertain prediction."
-    )
-    sample_uncertain_budget_per_s: float = Field(
-        default=10.0, ge=0, description="Extra samples per second for uncertain predictions."
-    )
-    sample_rate_window_s: float = Field(
-        default=60.0, gt=0, description="Time constant of the per-stratum arrival-rate estimate."
-    )
-    sample_dedup_window_s: float = Field(
-        default=3600.0, ge=0, description="A normalised text is sampled at most once in this window (0: off)."
-    )
-    sample_dedup_max_entries: int = Field(
-        default=100_000, ge=1, description="Memory bound of the in-process duplicate filter."
-    )
-    sample_dedup_in_redis: bool = Field(
-        default=True, description="Also suppress duplicates across workers with Redis keys (SET NX EX)."
     )
     redis_timeout_s: float = Field(
         default=0.1,
@@ -130,33 +269,22 @@ class Settings(BaseSettings):
     redis_breaker_cooldown_s: float = Field(
         default=5.0, gt=0, description="How long an open breaker drops samples before trying Redis again."
     )
-    buffer_max_pending_writes: int = Field(
-        default=4,
-        ge=1,
-        description="Buffer writes in flight at once; samples of further batches are dropped (backlog).",
-    )
-
     # The labelling job and the distillation datasets.
     dataset_dir: str = Field(
         default=str(REPO_ROOT / ".cache" / "datasets" / "buffer"),
         description="Dataset the labelling job writes: a directory or any fsspec URL (s3://...).",
     )
-    labeller_group: str = Field(
-        default=LABELLER_GROUP, min_length=1, description="Redis consumer group the labelling jobs share."
-    )
-    labeller_shard_rows: int = Field(
-        default=1024, ge=1, description="Buffer entries labelled and written as one Parquet shard."
-    )
-    labeller_claim_idle_s: float = Field(
-        default=60.0,
-        gt=0,
-        description="A buffer entry pending this long with a labeller that stopped is taken over.",
+    served_languages: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(SERVED_LANGUAGES),
+        description="Languages the service promises (primary subtags, comma-separated): the promotion gate judges KL per locale and agreement per language in these.",
     )
 
-    served_languages: str = Field(
-        default="ko,en,ja,zh,es,fr,de,pt,it,ru,ar,hi,th,vi,id,tr,nl,pl",
-        description="Languages the service promises (primary subtags): the promotion gate judges KL per locale in these.",
-    )
+    @field_validator("served_languages", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
 
     # The model registry: what `promote` publishes and the workers serve.
     registry_dir: Path = Field(
@@ -183,17 +311,6 @@ class Settings(BaseSettings):
         default=32,
         ge=1,
         description="Rows per onnxruntime call: a micro-batch is sorted by length and run in chunks this size.",
-    )
-    max_batch: int = Field(
-        default=256, ge=1, description="Most utterances in one micro-batch (stream.take_events)."
-    )
-    max_wait_s: float = Field(
-        default=0.01, gt=0, description="Longest a micro-batch waits to fill before it is classified."
-    )
-    max_inflight_batches: int = Field(
-        default=2,
-        ge=1,
-        description="Micro-batches classified or awaiting broker acks at once (pipelining; 1: one at a time).",
     )
     consumer_group: str = Field(
         default="intent-worker",
@@ -239,16 +356,6 @@ class Settings(BaseSettings):
     )
 
     # Faults: dead letters, offsets past a log's end, health, shutdown (issue 14).
-    dlq_max_key_bytes: int = Field(
-        default=1024,
-        ge=0,
-        description="Bytes of an input's key kept in its dead letter (its own key and original_key_base64); longer keys are cut.",
-    )
-    dlq_max_message_bytes: int = Field(
-        default=900_000,
-        ge=16 * 1024,
-        description="Largest dead letter record (key + value); its original bytes are cut to fit. Keep it under the producer's 1,000,000-byte request limit.",
-    )
     offset_reset_policy: Literal["earliest", "latest"] = Field(
         default="earliest",
         description="Where a partition resumes when its committed offset is past the end of its log (a broker restarted empty, a topic re-created): earliest reads all the new log holds, latest only what arrives.",
@@ -292,3 +399,30 @@ class Settings(BaseSettings):
     redis_ssl_keyfile: Path | None = Field(
         default=None, description="Private key of the Redis client certificate."
     )
+
+    # Policies: nested settings models, each the one source of its defaults (above).
+    pipeline: PipelineSettings = Field(
+        default_factory=PipelineSettings, description="Micro-batches, inputs and dead letters (INTENT_*)."
+    )
+    sampling: SamplingSettings = Field(
+        default_factory=SamplingSettings, description="The sampler's policy (INTENT_SAMPLE_*)."
+    )
+    labeller: LabellerSettings = Field(
+        default_factory=LabellerSettings, description="The labelling job (INTENT_LABELLER_*)."
+    )
+    gate: GateSettings = Field(
+        default_factory=GateSettings, description="The promotion gate's thresholds (INTENT_GATE_*)."
+    )
+
+
+def env_vars() -> dict[str, FieldInfo]:
+    """Every ``INTENT_*`` variable the settings read, with its field (default, description)."""
+    found: dict[str, FieldInfo] = {}
+    for name, field in Settings.model_fields.items():
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseSettings):
+            prefix = str(nested.model_config.get("env_prefix", ""))
+            found.update({(prefix + sub).upper(): f for sub, f in nested.model_fields.items()})
+        else:
+            found[f"INTENT_{name}".upper()] = field
+    return found

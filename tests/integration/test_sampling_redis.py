@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
-from worker.config import Settings
+from worker.config import SamplingSettings, Settings
 from worker.dev.services import EmbeddedService, start_redis
 from worker.models.student import predictions
 from worker.schemas import BufferSample, SampleReason, Utterance
@@ -131,8 +131,7 @@ def test_a_stopped_redis_costs_little_and_sampling_resumes_when_it_returns(
         redis_timeout_s=0.1,
         redis_breaker_failures=2,
         redis_breaker_cooldown_s=0.3,
-        sample_dedup_in_redis=True,
-        sample_dedup_window_s=60.0,
+        sampling=SamplingSettings(dedup_in_redis=True, dedup_window_s=60.0),
     )
     counters = BufferCounters()
     sampler = Sampler(SamplingPolicy(base_rate=1.0, budget_per_s=1e6, dedup_window_s=0.0), counters=counters)

@@ -210,10 +210,11 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
     )
     options = LabellerOptions(
         prefix=settings.redis_key_prefix,
-        group=settings.labeller_group,
+        group=settings.labeller.group,
         consumer=args.consumer or f"{socket.gethostname()}-{os.getpid()}",
-        shard_rows=args.shard_rows or settings.labeller_shard_rows,
-        claim_idle_s=settings.labeller_claim_idle_s,
+        shard_rows=args.shard_rows or settings.labeller.shard_rows,
+        claim_idle_s=settings.labeller.claim_idle_s,
+        max_deliveries=settings.labeller.max_deliveries,
     )
     metrics = LabellerMetrics()
     if args.metrics_port is not None:

@@ -13,7 +13,18 @@ from typing import Any
 import numpy as np
 
 from worker.cli.model_commands import say
-from worker.config import Settings
+from worker.config import GateSettings, Settings, default_of
+
+#: The gate's thresholds ``promote`` takes as options; their defaults are GateSettings'.
+GATE_OPTIONS = {
+    "--max-agreement-drop": "most agreement with the teacher may fall",
+    "--max-f1-drop": "most macro-F1 (gold) may fall",
+    "--max-kl-growth": "most KL to the teacher may grow, relative, per locale",
+    "--max-language-agreement-drop": "most agreement may fall per served language, when beyond chance",
+    "--min-int8-parity": "least INT8/FP32 agreement (n/a for FP32 models)",
+    "--max-latency-ratio": "most p50 latency may grow (+ INTENT_GATE_LATENCY_SLACK_MS)",
+    "--latency-budget-ms": "accept any p50 within this budget",
+}
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,45 +47,14 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="store_true",
         help="the candidate may serve another label set than the current model (consumers get new labels)",
     )
-    promote.add_argument(
-        "--max-agreement-drop",
-        type=float,
-        default=0.005,
-        help="most agreement with the teacher may fall (default: %(default)s)",
-    )
-    promote.add_argument(
-        "--max-f1-drop",
-        type=float,
-        default=0.005,
-        help="most macro-F1 (gold) may fall (default: %(default)s)",
-    )
-    promote.add_argument(
-        "--max-kl-growth",
-        type=float,
-        default=0.10,
-        help="most KL to the teacher may grow, relative, per locale (default: %(default)s)",
-    )
-    promote.add_argument(
-        "--max-language-agreement-drop",
-        type=float,
-        default=None,
-        help="per served language, when beyond chance (default: the gate's, 1 point)",
-    )
-    promote.add_argument(
-        "--min-int8-parity",
-        type=float,
-        default=0.995,
-        help="least INT8/FP32 agreement (n/a for FP32 models) (default: %(default)s)",
-    )
-    promote.add_argument(
-        "--max-latency-ratio",
-        type=float,
-        default=1.25,
-        help="most p50 latency may grow (+0.05 ms) (default: %(default)s)",
-    )
-    promote.add_argument(
-        "--latency-budget-ms", type=float, default=None, help="accept any p50 within this budget"
-    )
+    for option, text in GATE_OPTIONS.items():
+        field = option.removeprefix("--").replace("-", "_")
+        promote.add_argument(
+            option,
+            type=float,
+            default=None,
+            help=f"{text} (default: INTENT_GATE_{field.upper()}, else {default_of(GateSettings, field)})",
+        )
     promote.set_defaults(handler=promote)
     rollback = commands.add_parser(
         "rollback", help="serve the previously promoted model again (after a promote; see `models`)"
@@ -114,20 +94,17 @@ def promote(settings: Settings, args: argparse.Namespace) -> int:
         golden = golden_from_labelled(
             data.texts, data.locales, gold, teacher, settings.cache_dir, on_progress=bar.update
         )
+    gate = settings.gate.model_copy(
+        update={
+            name: value
+            for name in GateSettings.model_fields
+            if (value := getattr(args, name, None)) is not None
+        }
+    )
     thresholds = Thresholds(
-        max_agreement_drop=args.max_agreement_drop,
-        max_f1_drop=args.max_f1_drop,
-        max_kl_growth=args.max_kl_growth,
-        max_language_agreement_drop=Thresholds.max_language_agreement_drop
-        if args.max_language_agreement_drop is None
-        else args.max_language_agreement_drop,
-        min_int8_parity=args.min_int8_parity,
-        max_latency_ratio=args.max_latency_ratio,
-        latency_budget_ms=args.latency_budget_ms,
+        **gate.model_dump(),
         new_label_set=args.new_label_set,
-        languages=None
-        if args.all_locales
-        else frozenset(x.strip().lower() for x in settings.served_languages.split(",") if x.strip()),
+        languages=None if args.all_locales else frozenset(settings.served_languages),
     )
     decision = evaluate_candidate(candidate, current, golden, thresholds)
     report = decision.to_json()

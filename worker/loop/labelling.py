@@ -28,12 +28,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from worker.config import LabellerSettings, default_of
 from worker.errors import BadInput, DataError
 from worker.loop.dataset import Commit, DatasetWriter, ShardRows
 from worker.loop.seeding import shard_name
 from worker.schemas import UNKNOWN_LOCALE, BufferSample
 from worker.teacher import Teacher
-from worker.topics import BUFFER_FIELD, LABELLER_GROUP, buffer_dead_key, buffer_key, dataset_lock_key
+from worker.topics import BUFFER_FIELD, buffer_dead_key, buffer_key, dataset_lock_key
 
 log = structlog.get_logger(__name__)
 
@@ -45,14 +46,16 @@ LOCK_WAIT_S = 600.0
 
 @dataclass(frozen=True)
 class LabellerOptions:
-    """The job's knobs; see :class:`worker.config.Settings` (``labeller_*``)."""
+    """The job's knobs: :class:`worker.config.LabellerSettings`, whose defaults they take."""
 
     prefix: str
-    group: str = LABELLER_GROUP
+    group: str = default_of(LabellerSettings, "group")
     consumer: str = "labeller"
-    shard_rows: int = 1024  # entries read, labelled and written as one shard
-    claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead labeller
-    max_deliveries: int = 16  # delivered more often than this (by then alone): dead-lettered as poison
+    shard_rows: int = default_of(LabellerSettings, "shard_rows")  # entries labelled and written as one shard
+    claim_idle_s: float = default_of(
+        LabellerSettings, "claim_idle_s"
+    )  # then a pending entry's labeller is dead
+    max_deliveries: int = default_of(LabellerSettings, "max_deliveries")  # then alone: poison, dead-lettered
     block_s: float = 0.2  # how long a read waits for new entries before the run ends
 
 

@@ -324,7 +324,7 @@ def build_worker(
     offsets = OffsetGuard(app, OffsetResetPolicy(settings.offset_reset_policy), metrics)
     counters = BufferCounters()
     sink = RedisBufferSink.from_settings(settings, redis_url, counters=counters)
-    sampler = Sampler(SamplingPolicy.from_settings(settings), counters=counters)
+    sampler = Sampler(SamplingPolicy.from_settings(settings.sampling), counters=counters)
     # One thread: inference runs in arrival order, and onnxruntime's own threads do the parallel work.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
     classify, version, close_model = served or serve(student, settings)
@@ -336,14 +336,7 @@ def build_worker(
         sampler=sampler,
         sink=sink,
         metrics=metrics,
-        options=PipelineOptions(
-            depth=settings.max_inflight_batches,
-            max_text_chars=settings.max_text_chars,
-            max_original_bytes=settings.dlq_max_original_bytes,
-            max_pending_writes=settings.buffer_max_pending_writes,
-            max_key_bytes=settings.dlq_max_key_bytes,
-            max_record_bytes=settings.dlq_max_message_bytes,
-        ),
+        options=PipelineOptions.from_settings(settings.pipeline),
         close_model=close_model,
         label_set=student.label_set,
     )
@@ -351,7 +344,9 @@ def build_worker(
     metrics.serving(student.version)
     metrics.attach(WorkerCollector(counters, lambda: sink.length, lambda: offsets.lag() or consumer_lag(app)))
     metrics.attach(ModelLoadCollector())
-    register_classifier(app, pipeline, state, max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
+    register_classifier(
+        app, pipeline, state, max_batch=settings.pipeline.max_batch, max_wait_s=settings.pipeline.max_wait_s
+    )
     watcher = ModelWatcher(Registry(settings.registry_dir), pipeline, metrics, settings)
     watcher.served = LabelContract.of(student)
     worker = Worker(

@@ -140,7 +140,7 @@ class RedisBufferSink:
             maxlen=settings.buffer_maxlen,
             timeout_s=settings.redis_timeout_s,
             breaker=CircuitBreaker(settings.redis_breaker_failures, settings.redis_breaker_cooldown_s),
-            dedup_window_s=settings.sample_dedup_window_s if settings.sample_dedup_in_redis else 0.0,
+            dedup_window_s=settings.sampling.dedup_window_s if settings.sampling.dedup_in_redis else 0.0,
             counters=counters,
         )
 

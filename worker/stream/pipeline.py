@@ -31,6 +31,7 @@ from typing import Protocol
 
 import structlog
 
+from worker.config import PipelineSettings, default_of
 from worker.errors import BadInput
 from worker.models.student import Prediction
 from worker.schemas import DLQ_MAX_KEY_BYTES, DeadLetter, DeadLetterStage, Intent, Utterance
@@ -42,7 +43,7 @@ from worker.topics import DEAD_LETTERS, INTENTS
 log = structlog.get_logger(__name__)
 
 #: Default of INTENT_DLQ_MAX_MESSAGE_BYTES: under the producer's 1,000,000-byte request limit.
-DLQ_MAX_RECORD_BYTES = 900_000
+DLQ_MAX_RECORD_BYTES: int = default_of(PipelineSettings, "dlq_max_message_bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,14 +154,25 @@ def decode_batch(
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """The pipeline's knobs; see :class:`worker.config.Settings` for their meaning."""
+    """The pipeline's knobs: :class:`worker.config.PipelineSettings`, whose defaults they take."""
 
-    depth: int = 2
-    max_text_chars: int = 10_000
-    max_original_bytes: int = 512 * 1024
-    max_pending_writes: int = 4
+    depth: int = default_of(PipelineSettings, "max_inflight_batches")
+    max_text_chars: int = default_of(PipelineSettings, "max_text_chars")
+    max_original_bytes: int = default_of(PipelineSettings, "dlq_max_original_bytes")
+    max_pending_writes: int = default_of(PipelineSettings, "buffer_max_pending_writes")
     max_key_bytes: int = DLQ_MAX_KEY_BYTES
     max_record_bytes: int = DLQ_MAX_RECORD_BYTES
+
+    @classmethod
+    def from_settings(cls, settings: PipelineSettings) -> PipelineOptions:
+        return cls(
+            depth=settings.max_inflight_batches,
+            max_text_chars=settings.max_text_chars,
+            max_original_bytes=settings.dlq_max_original_bytes,
+            max_pending_writes=settings.buffer_max_pending_writes,
+            max_key_bytes=settings.dlq_max_key_bytes,
+            max_record_bytes=settings.dlq_max_message_bytes,
+        )
 
 
 class Pipeline:

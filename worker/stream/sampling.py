@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from worker.config import Settings
+from worker.config import SamplingSettings, default_of
 from worker.schemas import UNKNOWN_LOCALE, BufferSample, SampleReason, Utterance
 
 LOGIT_DECIMALS = 4  # the buffer stores logits rounded: enough for distillation, half the bytes
@@ -78,29 +78,29 @@ class ScoredPrediction(Protocol):
 
 @dataclass(frozen=True)
 class SamplingPolicy:
-    """The sampler's knobs; see :class:`worker.config.Settings` for their meaning."""
+    """The sampler's knobs: :class:`worker.config.SamplingSettings`, whose defaults they take."""
 
-    base_rate: float = 0.1
-    budget_per_s: float = 20.0
-    uncertain_margin: float = 0.2
-    uncertain_rate: float = 0.5
-    uncertain_budget_per_s: float = 10.0
-    rate_window_s: float = 60.0
-    dedup_window_s: float = 3600.0
-    dedup_max_entries: int = 100_000
+    base_rate: float = default_of(SamplingSettings, "rate")
+    budget_per_s: float = default_of(SamplingSettings, "budget_per_s")
+    uncertain_margin: float = default_of(SamplingSettings, "uncertain_margin")
+    uncertain_rate: float = default_of(SamplingSettings, "uncertain_rate")
+    uncertain_budget_per_s: float = default_of(SamplingSettings, "uncertain_budget_per_s")
+    rate_window_s: float = default_of(SamplingSettings, "rate_window_s")
+    dedup_window_s: float = default_of(SamplingSettings, "dedup_window_s")
+    dedup_max_entries: int = default_of(SamplingSettings, "dedup_max_entries")
     max_strata: int = 10_000  # locales come from producers: bound what we track
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SamplingPolicy:
+    def from_settings(cls, settings: SamplingSettings) -> SamplingPolicy:
         return cls(
-            base_rate=settings.sample_rate,
-            budget_per_s=settings.sample_budget_per_s,
-            uncertain_margin=settings.sample_uncertain_margin,
-            uncertain_rate=settings.sample_uncertain_rate,
-            uncertain_budget_per_s=settings.sample_uncertain_budget_per_s,
-            rate_window_s=settings.sample_rate_window_s,
-            dedup_window_s=settings.sample_dedup_window_s,
-            dedup_max_entries=settings.sample_dedup_max_entries,
+            base_rate=settings.rate,
+            budget_per_s=settings.budget_per_s,
+            uncertain_margin=settings.uncertain_margin,
+            uncertain_rate=settings.uncertain_rate,
+            uncertain_budget_per_s=settings.uncertain_budget_per_s,
+            rate_window_s=settings.rate_window_s,
+            dedup_window_s=settings.dedup_window_s,
+            dedup_max_entries=settings.dedup_max_entries,
         )
 
 
