@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,9 +15,49 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from worker.schemas import DLQ_MAX_KEY_BYTES, MAX_TEXT_CHARS
 from worker.topics import DEFAULT_REDIS_PREFIX, LABELLER_GROUP
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = REPO_ROOT / "models"
-RUN_DIR = REPO_ROOT / ".run"
+
+@dataclass(frozen=True)
+class DefaultPaths:
+    """Where files live when no ``INTENT_*`` variable says otherwise.
+
+    In a source checkout (the package imported from the tree that holds ``pyproject.toml``)
+    everything stays in the tree, and the development data is the checkout's ``../shared/data``.
+    Installed from a wheel, models and datasets go under ``$XDG_DATA_HOME/intent-worker``
+    (``~/.local/share/intent-worker``), the embedded services' files under
+    ``$XDG_STATE_HOME/intent-worker`` (``~/.local/state/intent-worker``), and there is no
+    development data unless ``INTENT_SHARED_DATA_DIR`` names it: never a path inside
+    site-packages.
+    """
+
+    checkout: Path | None
+    models: Path
+    run: Path
+    datasets: Path
+    shared_data: Path | None
+
+    @classmethod
+    def for_package(cls, package_dir: Path, environ: Mapping[str, str]) -> DefaultPaths:
+        root = package_dir.parent
+        if (root / "pyproject.toml").is_file():
+            return cls(
+                root,
+                root / "models",
+                root / ".run",
+                root / ".cache" / "datasets",
+                root.parent / "shared" / "data",
+            )
+        home = Path(environ.get("HOME") or Path.home())
+        data = Path(environ.get("XDG_DATA_HOME") or home / ".local" / "share") / "intent-worker"
+        state = Path(environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "intent-worker"
+        return cls(None, data / "models", state / "run", data / "datasets", None)
+
+
+DEFAULT_PATHS = DefaultPaths.for_package(Path(__file__).resolve().parent, os.environ)
+#: The source checkout (tests, benchmarks and the worker harness run from one); its parent
+#: directory's in an installed package, where nothing of the checkout is used by default.
+REPO_ROOT = DEFAULT_PATHS.checkout or Path(__file__).resolve().parent.parent
+MODELS_DIR = DEFAULT_PATHS.models
+RUN_DIR = DEFAULT_PATHS.run
 
 
 def _default_cache_dir() -> Path:
@@ -222,8 +264,9 @@ class Settings(BaseSettings):
     teacher_batch_tokens: int = Field(
         default=8192, ge=512, description="Token budget of one teacher batch (memory bound)."
     )
-    shared_data_dir: Path = Field(
-        default=REPO_ROOT.parent / "shared" / "data", description="Development data sets (read in place)."
+    shared_data_dir: Path | None = Field(
+        default=DEFAULT_PATHS.shared_data,
+        description="Development data sets (read in place); by default only in a source checkout.",
     )
 
     # Services. Unset means: start the embedded one (Tansu, valkey-server) on loopback.
@@ -271,7 +314,7 @@ class Settings(BaseSettings):
     )
     # The labelling job and the distillation datasets.
     dataset_dir: str = Field(
-        default=str(REPO_ROOT / ".cache" / "datasets" / "buffer"),
+        default=str(DEFAULT_PATHS.datasets / "buffer"),
         description="Dataset the labelling job writes: a directory or any fsspec URL (s3://...).",
     )
     served_languages: Annotated[list[str], NoDecode] = Field(

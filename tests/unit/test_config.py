@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
 from worker.config import (
     REPO_ROOT,
+    DefaultPaths,
     GateSettings,
     LabellerSettings,
     PipelineSettings,
@@ -16,6 +18,8 @@ from worker.config import (
     Settings,
     env_vars,
 )
+from worker.data.corpora import require_shared_data
+from worker.errors import DataError
 from worker.loop.gate import Thresholds
 from worker.loop.labelling import LabellerOptions
 from worker.stream.pipeline import PipelineOptions
@@ -70,3 +74,30 @@ def test_the_options_classes_default_to_the_settings_defaults() -> None:
         labeller.claim_idle_s,
         labeller.max_deliveries,
     )
+
+
+def test_an_installed_package_has_no_default_path_inside_site_packages(tmp_path: Path) -> None:
+    package = tmp_path / "site-packages" / "worker"
+    package.mkdir(parents=True)
+    paths = DefaultPaths.for_package(package, {"HOME": str(tmp_path / "home")})
+    assert paths.checkout is None
+    assert paths.shared_data is None  # no ../shared outside development
+    for path in (paths.models, paths.run, paths.datasets):
+        assert path.is_relative_to(tmp_path / "home")
+    assert paths.models == tmp_path / "home" / ".local" / "share" / "intent-worker" / "models"
+    xdg = DefaultPaths.for_package(package, {"XDG_DATA_HOME": str(tmp_path / "data")})
+    assert xdg.models == tmp_path / "data" / "intent-worker" / "models"
+
+
+def test_a_source_checkout_keeps_its_files_in_the_tree(tmp_path: Path) -> None:
+    (tmp_path / "repo" / "worker").mkdir(parents=True)
+    (tmp_path / "repo" / "pyproject.toml").write_text("[project]\n")
+    paths = DefaultPaths.for_package(tmp_path / "repo" / "worker", {})
+    assert paths.checkout == tmp_path / "repo"
+    assert paths.models == tmp_path / "repo" / "models"
+    assert paths.shared_data == tmp_path / "shared" / "data"
+
+
+def test_without_development_data_the_error_names_the_variable() -> None:
+    with pytest.raises(DataError, match="INTENT_SHARED_DATA_DIR"):
+        require_shared_data(Settings(shared_data_dir=None).shared_data_dir)

@@ -50,14 +50,14 @@ def teacher_eval(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from worker.data import evaluation
-    from worker.data.corpora import IntentMapping, load_labelled, shared_mapping
+    from worker.data.corpora import IntentMapping, load_labelled, require_shared_data, shared_mapping
     from worker.data.report import to_json, to_markdown
     from worker.teacher import load_teacher
 
     mapping = (
         IntentMapping.from_files(Path(p) for p in args.mapping)
         if args.mapping
-        else shared_mapping(settings.shared_data_dir)
+        else shared_mapping(require_shared_data(settings.shared_data_dir))
     )
     data = load_labelled([Path(p) for p in args.data], mapping, split=args.split)
     if args.exclude_ambiguous:
@@ -201,7 +201,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
     parity: list[str] = []
     labelled = None
     labels: tuple[str, ...] = ()
-    if settings.shared_data_dir.is_dir():
+    if settings.shared_data_dir is not None and settings.shared_data_dir.is_dir():
         shared = require_shared_data(settings.shared_data_dir)
         mapping = shared_mapping(shared)
         for group in (massive_files(shared), xsid_files(shared)):

@@ -116,8 +116,13 @@ def load_labelled(paths: Iterable[Path], mapping: IntentMapping, split: str | No
     return out
 
 
-def require_shared_data(shared_dir: Path) -> Path:
+def require_shared_data(shared_dir: Path | None) -> Path:
     """``shared_dir`` if it holds the development data, else a clear `DataError`."""
+    if shared_dir is None:
+        raise DataError(
+            "no development data is configured (an installed package has no default); set "
+            "INTENT_SHARED_DATA_DIR to the directory holding massive/, xsid/, tatoeba/ and mappings/"
+        )
     if not (shared_dir / "massive").is_dir():
         raise DataError(
             f"the development data is not at {shared_dir}; set INTENT_SHARED_DATA_DIR "
