@@ -41,11 +41,7 @@ def test_every_train_option_has_a_help_text() -> None:
 
 def test_promote_thresholds_show_their_defaults() -> None:
     promote = subparser("promote")
-    shown = {
-        a.option_strings[0]: (a.help or "") % {"default": a.default}
-        for a in promote._actions
-        if a.option_strings
-    }
+    shown = {a.option_strings[0]: a.help or "" for a in promote._actions if a.option_strings}
     for option, default in (
         ("--max-agreement-drop", "0.005"),
         ("--max-f1-drop", "0.005"),
@@ -53,8 +49,8 @@ def test_promote_thresholds_show_their_defaults() -> None:
         ("--min-int8-parity", "0.995"),
         ("--max-latency-ratio", "1.25"),
     ):
-        assert shown[option].endswith(f"(default: {default})"), option
-    assert "(default: 0.995)" in " ".join(promote.format_help().split())
+        assert shown[option].endswith(f"else {default})"), option  # the variable, else the default
+    assert "else 0.995)" in " ".join(promote.format_help().split())
 
 
 def test_rollback_with_nothing_promoted_says_so_without_naming_a_missing_file(tmp_path: Path) -> None:
