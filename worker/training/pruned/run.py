@@ -220,6 +220,7 @@ def train_pruned_model_dir(
     import onnx
 
     onnx.save(build_graph(encoder, head), str(fp32))
+    log.info("quantising", int8="guarded dynamic INT8, then its parity with FP32 (a minute or more)")
     int8 = quantise_guarded(fp32, staging / "int8.onnx")
     parity_texts = list(request.parity_texts) or [
         e.text for e in stream_examples(request.datasets, "valid", config)
