@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -66,41 +66,18 @@ def _default_cache_dir() -> Path:
 
 
 #: Primary subtags of the languages the service promises (the default of INTENT_SERVED_LANGUAGES).
-SERVED_LANGUAGES = tuple(
-    [
-        "ko",
-        "en",
-        "ja",
-        "zh",
-        "es",
-        "fr",
-        "de",
-        "pt",
-        "it",
-        "ru",
-        "ar",
-        "hi",
-        "th",
-        "vi",
-        "id",
-        "tr",
-        "nl",
-        "pl",
-    ]
-)
+SERVED_LANGUAGES = ("ko", "en", "ja", "zh", "es", "fr", "de", "pt", "it", "ru", "ar", "hi", "th", "vi", "id", "tr", "nl", "pl")  # fmt: skip
 
 
 def default_of(model: type[BaseModel], name: str) -> Any:
-    """The default of one field of a settings model. The plain options classes the code takes
-    (``PipelineOptions``, ``SamplingPolicy``, ``LabellerOptions``, ``Thresholds``) and the
-    command line default to it, so each default is written once, here."""
+    """The default of one field of a settings model (for help texts)."""
     return model.model_fields[name].get_default(call_default_factory=True)
 
 
-class PipelineSettings(BaseSettings):
+class PipelineSettings(BaseModel):
     """The stream pipeline: micro-batches, inputs and dead letters (``INTENT_*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="INTENT_", frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True)
 
     max_batch: int = Field(
         default=256, ge=1, description="Most utterances in one micro-batch (stream.take_events)."
@@ -142,10 +119,10 @@ class PipelineSettings(BaseSettings):
     )
 
 
-class SamplingSettings(BaseSettings):
+class SamplingSettings(BaseModel):
     """Which predictions go to the Redis buffer (``INTENT_SAMPLE_*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="INTENT_SAMPLE_", frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True)
 
     rate: float = Field(
         default=0.1, gt=0, le=1, description="Highest inclusion probability of an utterance in its stratum."
@@ -178,10 +155,10 @@ class SamplingSettings(BaseSettings):
     )
 
 
-class LabellerSettings(BaseSettings):
+class LabellerSettings(BaseModel):
     """The labelling job (``INTENT_LABELLER_*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="INTENT_LABELLER_", frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True)
 
     group: str = Field(
         default=LABELLER_GROUP, min_length=1, description="Redis consumer group the labelling jobs share."
@@ -202,10 +179,10 @@ class LabellerSettings(BaseSettings):
     )
 
 
-class GateSettings(BaseSettings):
+class GateSettings(BaseModel):
     """The promotion gate's thresholds (``INTENT_GATE_*``); ``promote`` options override them."""
 
-    model_config = SettingsConfigDict(env_prefix="INTENT_GATE_", frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True)
 
     max_agreement_drop: float = Field(
         default=0.005, ge=0, description="Most the candidate's agreement with the teacher may fall."
@@ -239,6 +216,23 @@ class GateSettings(BaseSettings):
     latency_budget_ms: float | None = Field(
         default=None, gt=0, description="A p50 latency (ms) the candidate may always use; unset: none."
     )
+
+
+# The policies as the environment gives them: the same fields, read from INTENT_* variables.
+class _PipelineFromEnv(PipelineSettings, BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INTENT_", frozen=True, extra="ignore")
+
+
+class _SamplingFromEnv(SamplingSettings, BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INTENT_SAMPLE_", frozen=True, extra="ignore")
+
+
+class _LabellerFromEnv(LabellerSettings, BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INTENT_LABELLER_", frozen=True, extra="ignore")
+
+
+class _GateFromEnv(GateSettings, BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INTENT_GATE_", frozen=True, extra="ignore")
 
 
 class Settings(BaseSettings):
@@ -445,16 +439,16 @@ class Settings(BaseSettings):
 
     # Policies: nested settings models, each the one source of its defaults (above).
     pipeline: PipelineSettings = Field(
-        default_factory=PipelineSettings, description="Micro-batches, inputs and dead letters (INTENT_*)."
+        default_factory=_PipelineFromEnv, description="Micro-batches, inputs and dead letters (INTENT_*)."
     )
     sampling: SamplingSettings = Field(
-        default_factory=SamplingSettings, description="The sampler's policy (INTENT_SAMPLE_*)."
+        default_factory=_SamplingFromEnv, description="The sampler's policy (INTENT_SAMPLE_*)."
     )
     labeller: LabellerSettings = Field(
-        default_factory=LabellerSettings, description="The labelling job (INTENT_LABELLER_*)."
+        default_factory=_LabellerFromEnv, description="The labelling job (INTENT_LABELLER_*)."
     )
     gate: GateSettings = Field(
-        default_factory=GateSettings, description="The promotion gate's thresholds (INTENT_GATE_*)."
+        default_factory=_GateFromEnv, description="The promotion gate's thresholds (INTENT_GATE_*)."
     )
 
 
@@ -462,7 +456,7 @@ def env_vars() -> dict[str, FieldInfo]:
     """Every ``INTENT_*`` variable the settings read, with its field (default, description)."""
     found: dict[str, FieldInfo] = {}
     for name, field in Settings.model_fields.items():
-        nested = field.annotation
+        nested = field.default_factory
         if isinstance(nested, type) and issubclass(nested, BaseSettings):
             prefix = str(nested.model_config.get("env_prefix", ""))
             found.update({(prefix + sub).upper(): f for sub, f in nested.model_fields.items()})

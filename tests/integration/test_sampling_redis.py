@@ -134,7 +134,7 @@ def test_a_stopped_redis_costs_little_and_sampling_resumes_when_it_returns(
         sampling=SamplingSettings(dedup_in_redis=True, dedup_window_s=60.0),
     )
     counters = BufferCounters()
-    sampler = Sampler(SamplingPolicy(base_rate=1.0, budget_per_s=1e6, dedup_window_s=0.0), counters=counters)
+    sampler = Sampler(SamplingPolicy(rate=1.0, budget_per_s=1e6, dedup_window_s=0.0), counters=counters)
 
     scored = predictions(["alarm_set", "weather_query"], np.array([[2.0, 0.0]] * 10, dtype=np.float32))
 

@@ -73,7 +73,7 @@ def make_pipeline(
         emitter,
         executor,
         sampler=Sampler(
-            SamplingPolicy(base_rate=1.0, budget_per_s=1e9, dedup_window_s=0),
+            SamplingPolicy(rate=1.0, budget_per_s=1e9, dedup_window_s=0),
             rng=random.Random(0),
             counters=counters,
         ),
@@ -152,7 +152,7 @@ def test_a_failed_ack_releases_neither_its_batch_nor_any_later_one() -> None:
         emitter = Emitter()
         released: list[str] = []
         with ThreadPoolExecutor(1) as executor:
-            pipeline = make_pipeline(emitter, executor, depth=2)
+            pipeline = make_pipeline(emitter, executor, max_inflight_batches=2)
             await pipeline.submit([record(0, utterance(0, "one"))], lambda: released.append("first"))
             await settle()
             emitter.fail(RuntimeError("broker said no"))
@@ -172,7 +172,7 @@ def test_batches_are_released_in_order_while_the_next_one_is_classified() -> Non
         emitter = Emitter()
         released: list[int] = []
         with ThreadPoolExecutor(1) as executor:
-            pipeline = make_pipeline(emitter, executor, depth=3)
+            pipeline = make_pipeline(emitter, executor, max_inflight_batches=3)
             for n in range(3):
                 await pipeline.submit([record(n, utterance(n, f"text {n}"))], lambda n=n: released.append(n))
             await settle()
@@ -206,7 +206,7 @@ def test_samples_are_dropped_not_awaited_when_buffer_writes_pile_up() -> None:
         counters = BufferCounters()
         sink = StuckSink(counters)
         with ThreadPoolExecutor(1) as executor:
-            pipeline = make_pipeline(emitter, executor, sink=sink, max_pending_writes=2)
+            pipeline = make_pipeline(emitter, executor, sink=sink, buffer_max_pending_writes=2)
             for n in range(5):
                 await pipeline.submit([record(n, utterance(n, f"sample me {n}"))], lambda: None)
                 await settle(rounds=20)

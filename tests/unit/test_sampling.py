@@ -59,7 +59,7 @@ def run(
 
 def policy(**overrides: float) -> SamplingPolicy:
     defaults: dict[str, float] = {
-        "base_rate": 0.1,
+        "rate": 0.1,
         "budget_per_s": 20.0,
         "uncertain_budget_per_s": 0.0,
         "rate_window_s": 10.0,
@@ -106,7 +106,7 @@ def test_weights_are_inverse_probabilities_and_de_bias_the_counts() -> None:
 
 
 def test_two_frequent_strata_share_the_budget_about_equally() -> None:
-    sampler = Sampler(policy(base_rate=1.0), rng=random.Random(3))
+    sampler = Sampler(policy(rate=1.0), rng=random.Random(3))
     samples = list(run(sampler, {("en", "weather"): 400.0, ("en", "alarm"): 80.0}, seconds=60))
     measured = per_stratum(samples, since=1_030.0)
     for stratum in ("en|weather", "en|alarm"):
@@ -114,7 +114,7 @@ def test_two_frequent_strata_share_the_budget_about_equally() -> None:
 
 
 def test_a_new_stratum_is_sampled_from_its_first_utterance() -> None:
-    sampler = Sampler(policy(base_rate=1.0), rng=random.Random(0))
+    sampler = Sampler(policy(rate=1.0), rng=random.Random(0))
     busy = list(run(sampler, {("en", "weather"): 1000.0}, seconds=30))
     assert busy
     utterance = Utterance(id="rare", text="mets une alarme", locale="fr")
@@ -124,7 +124,7 @@ def test_a_new_stratum_is_sampled_from_its_first_utterance() -> None:
 
 def test_uncertain_predictions_get_an_extra_quota() -> None:
     sampler = Sampler(
-        policy(base_rate=0.01, budget_per_s=1e6, uncertain_rate=0.5, uncertain_budget_per_s=1e6),
+        policy(rate=0.01, budget_per_s=1e6, uncertain_rate=0.5, uncertain_budget_per_s=1e6),
         rng=random.Random(5),
     )
     certain = list(run(sampler, {("en", "weather"): 100.0}, seconds=20, margin=0.9))
@@ -141,7 +141,7 @@ def test_uncertain_predictions_get_an_extra_quota() -> None:
 
 def test_the_uncertainty_quota_has_its_own_budget() -> None:
     sampler = Sampler(
-        policy(base_rate=0.001, uncertain_rate=1.0, uncertain_budget_per_s=5.0), rng=random.Random(9)
+        policy(rate=0.001, uncertain_rate=1.0, uncertain_budget_per_s=5.0), rng=random.Random(9)
     )
     samples = list(run(sampler, {("en", "weather"): 200.0}, seconds=60, margin=0.01))
     late = [s for when, s in samples if when >= 1_030.0 and s.reason is SampleReason.UNCERTAIN]
@@ -149,7 +149,7 @@ def test_the_uncertainty_quota_has_its_own_budget() -> None:
 
 
 def test_sampled_records_carry_the_prediction() -> None:
-    sampler = Sampler(policy(base_rate=1.0), rng=random.Random(0))
+    sampler = Sampler(policy(rate=1.0), rng=random.Random(0))
     utterance = Utterance(id="u1", text="wake me at 7", locale="en_US")
     (sample,) = sampler.select([utterance], [Scored("alarm", margin=0.9)], model_version="m1", now=5.0)
     assert (sample.id, sample.text, sample.locale, sample.label) == ("u1", "wake me at 7", "en_US", "alarm")
@@ -168,7 +168,7 @@ def test_normalisation_folds_case_width_and_spaces() -> None:
 
 def test_duplicates_are_suppressed_within_the_window_and_allowed_after() -> None:
     counters = BufferCounters()
-    sampler = Sampler(policy(base_rate=1.0, budget_per_s=1e6, dedup_window_s=60.0), counters=counters)
+    sampler = Sampler(policy(rate=1.0, budget_per_s=1e6, dedup_window_s=60.0), counters=counters)
 
     def offer(text: str, now: float) -> list[str]:
         utterance = Utterance(id=f"{text}@{now}", text=text, locale="en")
@@ -222,7 +222,7 @@ def test_the_circuit_breaker_opens_after_failures_and_retries_after_the_cooldown
 
 def test_the_memory_sink_twin_stores_and_simulates_an_outage() -> None:
     sink = MemoryBufferSink(maxlen=3)
-    sampler = Sampler(policy(base_rate=1.0, budget_per_s=1e6), counters=sink.counters)
+    sampler = Sampler(policy(rate=1.0, budget_per_s=1e6), counters=sink.counters)
     utterances = [Utterance(id=str(i), text=f"t{i}") for i in range(5)]
     samples = sampler.select(utterances, [Scored("a")] * 5, model_version="m", now=1.0)
     assert asyncio.run(sink.write(samples)) == 5

@@ -209,12 +209,10 @@ def _label(settings: Settings, args: argparse.Namespace) -> int:
         location, teacher.identity, teacher.labels, label_set=teacher.label_set_id, lock=lock
     )
     options = LabellerOptions(
-        prefix=settings.redis_key_prefix,
-        group=settings.labeller.group,
-        consumer=args.consumer or f"{socket.gethostname()}-{os.getpid()}",
+        **settings.labeller.model_dump(exclude={"shard_rows"}),
         shard_rows=args.shard_rows or settings.labeller.shard_rows,
-        claim_idle_s=settings.labeller.claim_idle_s,
-        max_deliveries=settings.labeller.max_deliveries,
+        prefix=settings.redis_key_prefix,
+        consumer=args.consumer or f"{socket.gethostname()}-{os.getpid()}",
     )
     metrics = LabellerMetrics()
     if args.metrics_port is not None:

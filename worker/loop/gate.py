@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from worker.config import GateSettings, default_of
+from worker.config import GateSettings
 from worker.data.corpora import language_of
 from worker.data.evaluation import kl_divergence, macro_f1
 from worker.errors import DataError
@@ -62,21 +62,10 @@ LATENCY_TEXTS = 300
 SIGNIFICANCE = 0.025
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """The gate's thresholds: :class:`worker.config.GateSettings`, whose defaults they take."""
+class Thresholds(GateSettings):
+    """The gate's thresholds: :class:`worker.config.GateSettings` (``settings.gate``), and what
+    one promotion judges."""
 
-    max_agreement_drop: float = default_of(GateSettings, "max_agreement_drop")
-    max_f1_drop: float = default_of(GateSettings, "max_f1_drop")
-    max_kl_growth: float = default_of(GateSettings, "max_kl_growth")
-    kl_slack: float = default_of(GateSettings, "kl_slack")
-    min_locale_rows: int = default_of(GateSettings, "min_locale_rows")
-    #: Most a served language's agreement with the teacher may drop (beyond chance).
-    max_language_agreement_drop: float = default_of(GateSettings, "max_language_agreement_drop")
-    min_int8_parity: float = default_of(GateSettings, "min_int8_parity")
-    max_latency_ratio: float = default_of(GateSettings, "max_latency_ratio")
-    latency_slack_ms: float = default_of(GateSettings, "latency_slack_ms")  # sub-ms medians jitter
-    latency_budget_ms: float | None = default_of(GateSettings, "latency_budget_ms")
     #: Languages (primary subtags) the per-locale KL and per-language agreement checks judge; None: all.
     languages: frozenset[str] | None = None
     #: The candidate may serve another label set than the current model (a new contract downstream).

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from worker.config import LabellerSettings, default_of
+from worker.config import LabellerSettings
 from worker.errors import BadInput, DataError
 from worker.loop.dataset import Commit, DatasetWriter, ShardRows
 from worker.loop.seeding import shard_name
@@ -44,18 +44,12 @@ LOCK_TIMEOUT_S = 15.0
 LOCK_WAIT_S = 600.0
 
 
-@dataclass(frozen=True)
-class LabellerOptions:
-    """The job's knobs: :class:`worker.config.LabellerSettings`, whose defaults they take."""
+class LabellerOptions(LabellerSettings):
+    """The job's knobs: :class:`worker.config.LabellerSettings` (``settings.labeller``), and where
+    it reads and who it is."""
 
     prefix: str
-    group: str = default_of(LabellerSettings, "group")
     consumer: str = "labeller"
-    shard_rows: int = default_of(LabellerSettings, "shard_rows")  # entries labelled and written as one shard
-    claim_idle_s: float = default_of(
-        LabellerSettings, "claim_idle_s"
-    )  # then a pending entry's labeller is dead
-    max_deliveries: int = default_of(LabellerSettings, "max_deliveries")  # then alone: poison, dead-lettered
     block_s: float = 0.2  # how long a read waits for new entries before the run ends
 
 

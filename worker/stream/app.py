@@ -324,7 +324,7 @@ def build_worker(
     offsets = OffsetGuard(app, OffsetResetPolicy(settings.offset_reset_policy), metrics)
     counters = BufferCounters()
     sink = RedisBufferSink.from_settings(settings, redis_url, counters=counters)
-    sampler = Sampler(SamplingPolicy.from_settings(settings.sampling), counters=counters)
+    sampler = Sampler(SamplingPolicy(**settings.sampling.model_dump()), counters=counters)
     # One thread: inference runs in arrival order, and onnxruntime's own threads do the parallel work.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
     classify, version, close_model = served or serve(student, settings)
@@ -336,7 +336,7 @@ def build_worker(
         sampler=sampler,
         sink=sink,
         metrics=metrics,
-        options=PipelineOptions.from_settings(settings.pipeline),
+        options=PipelineOptions(**settings.pipeline.model_dump()),
         close_model=close_model,
         label_set=student.label_set,
     )

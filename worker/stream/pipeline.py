@@ -152,27 +152,8 @@ def decode_batch(
     return Decoded(utterances, rejected)
 
 
-@dataclass(frozen=True)
-class PipelineOptions:
-    """The pipeline's knobs: :class:`worker.config.PipelineSettings`, whose defaults they take."""
-
-    depth: int = default_of(PipelineSettings, "max_inflight_batches")
-    max_text_chars: int = default_of(PipelineSettings, "max_text_chars")
-    max_original_bytes: int = default_of(PipelineSettings, "dlq_max_original_bytes")
-    max_pending_writes: int = default_of(PipelineSettings, "buffer_max_pending_writes")
-    max_key_bytes: int = DLQ_MAX_KEY_BYTES
-    max_record_bytes: int = DLQ_MAX_RECORD_BYTES
-
-    @classmethod
-    def from_settings(cls, settings: PipelineSettings) -> PipelineOptions:
-        return cls(
-            depth=settings.max_inflight_batches,
-            max_text_chars=settings.max_text_chars,
-            max_original_bytes=settings.dlq_max_original_bytes,
-            max_pending_writes=settings.buffer_max_pending_writes,
-            max_key_bytes=settings.dlq_max_key_bytes,
-            max_record_bytes=settings.dlq_max_message_bytes,
-        )
+class PipelineOptions(PipelineSettings):
+    """The pipeline's knobs: :class:`worker.config.PipelineSettings` (``settings.pipeline``)."""
 
 
 class Pipeline:
@@ -253,7 +234,7 @@ class Pipeline:
         first failure of an earlier batch is raised here.
         """
         self._reap()
-        while len(self._inflight) >= self.options.depth:
+        while len(self._inflight) >= self.options.max_inflight_batches:
             await asyncio.wait({self._inflight[0]})
             self._reap()
         self.metrics.utterances.inc(len(records))
@@ -304,10 +285,10 @@ class Pipeline:
         decoded = decode_batch(
             records,
             max_text_chars=self.options.max_text_chars,
-            max_original_bytes=self.options.max_original_bytes,
+            max_original_bytes=self.options.dlq_max_original_bytes,
             now=time.time(),
-            max_key_bytes=self.options.max_key_bytes,
-            max_record_bytes=self.options.max_record_bytes,
+            max_key_bytes=self.options.dlq_max_key_bytes,
+            max_record_bytes=self.options.dlq_max_message_bytes,
         )
         texts = [utterance.text for _, utterance in decoded.utterances]
         predictions: list[Prediction] = []
@@ -376,7 +357,7 @@ class Pipeline:
         )
         if not samples:
             return
-        if len(self._writes) >= self.options.max_pending_writes:
+        if len(self._writes) >= self.options.buffer_max_pending_writes:
             self.sink.counters.drop(DropReason.BACKLOG, len(samples))
             return
         task = asyncio.create_task(self.sink.write(samples))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from worker.config import SamplingSettings, default_of
+from worker.config import SamplingSettings
 from worker.schemas import UNKNOWN_LOCALE, BufferSample, SampleReason, Utterance
 
 LOGIT_DECIMALS = 4  # the buffer stores logits rounded: enough for distillation, half the bytes
@@ -76,32 +76,10 @@ class ScoredPrediction(Protocol):
     def logits(self) -> Sequence[float]: ...
 
 
-@dataclass(frozen=True)
-class SamplingPolicy:
-    """The sampler's knobs: :class:`worker.config.SamplingSettings`, whose defaults they take."""
+class SamplingPolicy(SamplingSettings):
+    """The sampler's knobs: :class:`worker.config.SamplingSettings`, and a bound of its own."""
 
-    base_rate: float = default_of(SamplingSettings, "rate")
-    budget_per_s: float = default_of(SamplingSettings, "budget_per_s")
-    uncertain_margin: float = default_of(SamplingSettings, "uncertain_margin")
-    uncertain_rate: float = default_of(SamplingSettings, "uncertain_rate")
-    uncertain_budget_per_s: float = default_of(SamplingSettings, "uncertain_budget_per_s")
-    rate_window_s: float = default_of(SamplingSettings, "rate_window_s")
-    dedup_window_s: float = default_of(SamplingSettings, "dedup_window_s")
-    dedup_max_entries: int = default_of(SamplingSettings, "dedup_max_entries")
     max_strata: int = 10_000  # locales come from producers: bound what we track
-
-    @classmethod
-    def from_settings(cls, settings: SamplingSettings) -> SamplingPolicy:
-        return cls(
-            base_rate=settings.rate,
-            budget_per_s=settings.budget_per_s,
-            uncertain_margin=settings.uncertain_margin,
-            uncertain_rate=settings.uncertain_rate,
-            uncertain_budget_per_s=settings.uncertain_budget_per_s,
-            rate_window_s=settings.rate_window_s,
-            dedup_window_s=settings.dedup_window_s,
-            dedup_max_entries=settings.dedup_max_entries,
-        )
 
 
 def normalise_text(text: str) -> str:
@@ -244,7 +222,7 @@ class Sampler:
         self.rng = rng if rng is not None else random.Random()
         self.counters = counters if counters is not None else BufferCounters()
         self.strata = StratifiedRate(
-            policy.base_rate, policy.budget_per_s, policy.rate_window_s, policy.max_strata
+            policy.rate, policy.budget_per_s, policy.rate_window_s, policy.max_strata
         )
         self.uncertain = StratifiedRate(
             policy.uncertain_rate, policy.uncertain_budget_per_s, policy.rate_window_s, policy.max_strata
