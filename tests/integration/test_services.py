@@ -9,13 +9,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from worker.config import Settings
+from worker.dev.probes import kafka_ready, redis_ready
 from worker.dev.services import (
     EmbeddedService,
     ensure_services,
     free_port,
-    kafka_ready,
     redact_url,
-    redis_ready,
     start_redis,
 )
 from worker.errors import ServiceError

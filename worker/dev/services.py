@@ -14,7 +14,6 @@ import os
 import secrets
 import signal
 import socket
-import struct
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from pydantic import SecretStr
 
 from worker.config import Settings
 from worker.connections import redact_url
+from worker.dev.probes import kafka_ready, listening, redis_ready
 from worker.errors import MissingExtra, ServiceError
 from worker.process import parent_death_hook
 
@@ -140,14 +140,6 @@ class EmbeddedService:
         return f"EmbeddedService({self.name!r}, {self.url!r}, pid={self.pid})"
 
 
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _await_ready(
     service: EmbeddedService, ready: Callable[[str, int, int], bool], started: float, timeout_s: float
 ) -> str:
@@ -180,7 +172,7 @@ def _start(
     failure = ""
     for _ in range(attempts):
         chosen = port if port is not None else free_port()
-        if _listening(LOOPBACK, chosen):  # else the readiness probe would talk to someone else's server
+        if listening(LOOPBACK, chosen):  # else the readiness probe would talk to someone else's server
             failure = f"cannot listen on port {chosen}: another process does"
             continue
         started = time.monotonic()
@@ -225,44 +217,6 @@ def _start(
 # -- Kafka -----------------------------------------------------------------------------------------
 
 
-def _kafka_call(sock: socket.socket, api_key: int, correlation_id: int, body: bytes) -> bytes:
-    """One request (header v1, API version 0) and its response body."""
-    client_id = b"intent-worker-probe"
-    header = struct.pack(">hhih", api_key, 0, correlation_id, len(client_id)) + client_id
-    sock.sendall(struct.pack(">i", len(header) + len(body)) + header + body)
-    (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
-    response = _recv_exactly(sock, size)
-    (answered,) = struct.unpack_from(">i", response)
-    if answered != correlation_id:
-        raise ConnectionError(f"correlation id {answered} != {correlation_id}")
-    return response[4:]
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < size:
-        chunk = sock.recv(size - len(chunks))
-        if not chunk:
-            raise ConnectionError("connection closed mid-response")
-        chunks += chunk
-    return bytes(chunks)
-
-
-def kafka_ready(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether a Kafka broker answers ApiVersions and lists itself in Metadata."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            versions = _kafka_call(sock, 18, 1, b"")  # ApiVersions v0
-            (error_code,) = struct.unpack_from(">h", versions)
-            if error_code != 0:
-                return False
-            metadata = _kafka_call(sock, 3, 2, struct.pack(">i", 0))  # Metadata v0, all topics
-            (brokers,) = struct.unpack_from(">i", metadata)
-            return bool(brokers > 0)
-    except (OSError, struct.error):
-        return False
-
-
 def start_kafka(run_dir: Path, *, port: int | None = None, timeout_s: float = 15.0) -> EmbeddedService:
     """Start the Tansu broker (memory storage) on loopback; logs go to ``run_dir/tansu.log``."""
     binary = tansu_binary()
@@ -278,49 +232,6 @@ def start_kafka(run_dir: Path, *, port: int | None = None, timeout_s: float = 15
 
 
 # -- Redis -----------------------------------------------------------------------------------------
-
-
-def _redis_call(sock: socket.socket, *args: str) -> bytes:
-    """One command in RESP; returns the reply's payload (simple string, error or bulk string)."""
-    request = f"*{len(args)}\r\n" + "".join(f"${len(arg)}\r\n{arg}\r\n" for arg in args)
-    sock.sendall(request.encode())
-    reply = b""
-    while b"\r\n" not in reply:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("connection closed mid-reply")
-        reply += chunk
-    head, _, rest = reply.partition(b"\r\n")
-    if not head.startswith(b"$"):
-        return head
-    size = int(head[1:])
-    while len(rest) < size:
-        chunk = sock.recv(size - len(rest) + 2)
-        if not chunk:
-            raise ConnectionError("connection closed mid-reply")
-        rest += chunk
-    return rest[:size]
-
-
-def redis_ready(
-    host: str, port: int, timeout_s: float = 1.0, *, pid: int | None = None, password: SecretStr | None = None
-) -> bool:
-    """Whether a Redis server answers PING (and, given ``pid``, is that process).
-
-    A server still loading its data answers ``-LOADING``: not ready yet.
-    """
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            if password is not None and _redis_call(sock, "AUTH", password.get_secret_value()) != b"+OK":
-                return False
-            if _redis_call(sock, "PING") != b"+PONG":
-                return False
-            if pid is None:
-                return True
-            info = _redis_call(sock, "INFO", "server").decode("utf-8", "replace")
-            return f"process_id:{pid}\r\n" in info
-    except (OSError, ValueError):
-        return False
 
 
 def start_redis(
