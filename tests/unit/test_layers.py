@@ -60,3 +60,15 @@ def test_a_wrong_way_import_breaks_a_contract(
     assert result.returncode != 0
     broken = [line for line in result.stdout.splitlines() if line.endswith("BROKEN")]
     assert any(contract in line for line in broken), result.stdout
+
+
+def test_the_registry_and_the_command_line_load_without_onnxruntime() -> None:
+    """``rollback`` and ``models`` (and every command's start) never import the model runtime."""
+    code = (
+        "import sys, worker.models.registry, worker.cli; "
+        "print(sorted(m for m in ('onnxruntime', 'faust', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
