@@ -27,6 +27,9 @@ from worker.stream.offsets import OffsetResetPolicy, PartitionOffsets, reset_tar
             PartitionOffsets(log_end=300, position=300, read=5999, committed=6000),
             True,
         ),  # Kafka reset silently
+        (PartitionOffsets(log_end=None, position=0, read=1199, committed=1200), True),  # reset, no fetch yet
+        (PartitionOffsets(log_end=2000, position=1500, read=1499, committed=1200), False),  # in flight
+        (PartitionOffsets(log_end=2000, position=1200, read=1200, committed=1200), False),  # faust's seek
         (PartitionOffsets(log_end=0, position=0, read=None, committed=None), False),  # a new empty log
     ],
 )

@@ -50,7 +50,7 @@ from worker.stream.metrics import (
     lag_by_partition,
 )
 from worker.stream.offsets import CHECK_INTERVAL_S as OFFSET_CHECK_INTERVAL_S
-from worker.stream.offsets import OffsetGuard, OffsetResetPolicy, broker_silent_s
+from worker.stream.offsets import OffsetGuard, OffsetResetPolicy
 from worker.stream.pipeline import Classify, Pipeline, PipelineOptions
 from worker.stream.sampling import BufferCounters, Sampler, SamplingPolicy
 
@@ -398,7 +398,7 @@ def health(worker: Worker) -> tuple[int, dict[str, Any]]:
     if state.assigned is None or app.rebalancing:
         body["status"] = "starting"
         return 503, body
-    silent = broker_silent_s(app)
+    silent = worker.offsets.broker_silent_s() if worker.offsets is not None else None
     if silent is not None and silent > worker.broker_timeout_s:
         body.update(status="broker_unreachable", broker_silent_s=round(silent, 1))
         return 503, body

@@ -10,8 +10,9 @@ skipped without a word.
 
 Every second (:data:`CHECK_INTERVAL_S`) the guard compares, for each partition this worker
 holds, the end of the log (the high watermark of the latest fetch response) with the furthest
-of the consumer's position and faust's read and committed offsets. Past the end means the log
-was replaced: the partition is reset per ``INTENT_OFFSET_RESET_POLICY`` (``earliest``: read
+of the consumer's position and faust's read and committed offsets, and the position with
+faust's committed offset. Past the end, or a position moved back below what faust committed
+(aiokafka's own silent reset), means the log was replaced: the partition is reset per ``INTENT_OFFSET_RESET_POLICY`` (``earliest``: read
 what the new log holds; ``latest``: skip to its end), the reset is logged (``offset_reset``)
 and counted (``intent_worker_offset_resets_total``), and the new offset is committed.
 
@@ -61,7 +62,11 @@ class PartitionOffsets:
     committed: int | None  # faust: the last offset it committed (acks below are ignored)
 
     def past_the_end(self) -> bool:
-        """Whether the consumer stands beyond the log's end: the log was replaced."""
+        """Whether the log was replaced under the consumer: it stands beyond the log's end, or the
+        client moved its position back below what faust committed (aiokafka's own reset, after an
+        out-of-range fetch or a group the broker no longer knows)."""
+        if self.position is not None and self.committed is not None and self.position < self.committed:
+            return True  # faust would drop every record below its read offset, in silence
         if self.log_end is None:
             return False
         known = [o for o in (self.position, self.committed) if o is not None]
@@ -84,8 +89,21 @@ class OffsetGuard:
         self.metrics = metrics
         self.offsets: dict[TP, PartitionOffsets] = {}
         self.resets = 0
+        #: When the broker last answered a fetch, as last seen (the consumer forgets it when it
+        #: loses its assignment, which a silent broker causes).
+        self.answered_ms: float | None = None
+
+    def broker_silent_s(self, now_ms: float | None = None) -> float | None:
+        """Seconds since the broker last answered a fetch of this worker (None: not yet known)."""
+        latest = last_fetch_ms(self.app)
+        if latest is not None:
+            self.answered_ms = max(latest, self.answered_ms or latest)
+        if self.answered_ms is None:
+            return None
+        return max(0.0, ((time.time() * 1000 if now_ms is None else now_ms) - self.answered_ms) / 1000)
 
     async def check(self) -> None:
+        self.broker_silent_s()  # remember the last answer while the consumer still knows it
         consumer = self.app.consumer
         try:
             assigned = consumer.assignment()
@@ -105,14 +123,14 @@ class OffsetGuard:
         self.offsets = seen
 
     async def _reset(self, tp: TP, offsets: PartitionOffsets) -> None:
-        assert offsets.log_end is not None
+        end = offsets.log_end if offsets.log_end is not None else offsets.position or 0
         start = 0
         if self.policy is OffsetResetPolicy.EARLIEST:
             try:
                 start = int((await self.app.consumer.earliest_offsets(tp)).get(tp, 0))
             except KafkaError:
                 start = 0  # a log that was just replaced starts at 0
-        target = reset_target(self.policy, log_start=start, log_end=offsets.log_end)
+        target = reset_target(self.policy, log_start=start, log_end=end)
         await reset_partition(self.app, tp, target)
         self.resets += 1
         self.metrics.offset_resets.labels(tp.topic, str(tp.partition), self.policy.value).inc()
@@ -120,7 +138,8 @@ class OffsetGuard:
             "offset_reset",
             topic=tp.topic,
             partition=tp.partition,
-            offset=max(o for o in (offsets.position, offsets.committed, offsets.read) if o is not None),
+            offset=offsets.committed if offsets.committed is not None else offsets.position,
+            position=offsets.position,
             log_end=offsets.log_end,
             reset_to=target,
             policy=self.policy.value,
@@ -135,11 +154,3 @@ class OffsetGuard:
                 continue
             entries.append(PartitionLag(tp.topic, tp.partition, max(0, offsets.log_end - done)))
         return sorted(entries, key=lambda e: (e.topic, e.partition))
-
-
-def broker_silent_s(app: faust.App, now_ms: float | None = None) -> float | None:
-    """Seconds since the broker last answered a fetch of this worker (None: not known yet)."""
-    last = last_fetch_ms(app)
-    if last is None:
-        return None
-    return max(0.0, ((time.time() * 1000 if now_ms is None else now_ms) - last) / 1000)
