@@ -77,7 +77,22 @@ def _log_tail(path: Path, limit: int = 2000) -> str:
         return "(no log)"
 
 
-class EmbeddedService:
+class _StopsOnExit:
+    """A ``with`` block stops what it started, however it ends."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedService(_StopsOnExit):
     """A service binary we started: its address, its log, and a clean stop."""
 
     #: Tansu's SIGTERM waits up to 5 s for its clients to hang up (a `tail` never does), which met
@@ -127,14 +142,6 @@ class EmbeddedService:
                 self.process.kill()
                 self.process.wait()
             log.info("service_stopped", service=self.name, pid=self.pid, returncode=self.process.returncode)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"EmbeddedService({self.name!r}, {self.url!r}, pid={self.pid})"
@@ -282,7 +289,7 @@ def start_redis(
 
 
 @dataclass
-class Services:
+class Services(_StopsOnExit):
     """Where Kafka and Redis are, and the embedded ones to stop when we are done."""
 
     kafka_bootstrap: str
@@ -294,14 +301,6 @@ class Services:
     def stop(self) -> None:
         for service in reversed(self.embedded):
             service.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def ensure_services(settings: Settings, run_dir: Path | None = None) -> Services:
