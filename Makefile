@@ -68,7 +68,13 @@ bench-faults: setup ## Faults survived on real Tansu, valkey, worker and labelle
 loop-demo: corpus ## The loop on multilingual traffic, real services: replay through gen 0, sample, label, train gen 1, gate per language, promote + rollback under traffic (~25 min): benchmarks/results/flywheel.json
 	$(BIN)/python benchmarks/flywheel.py
 
+bench-zero-shot: setup ## Zero-shot teachers (e5 on the label sets in models/labels) beside the trained head, MASSIVE + xSID validation (~2 min): benchmarks/results/zero_shot.json
+	$(BIN)/python benchmarks/zero_shot.py
+
+label-set-demo: corpus ## A new label set through the loop on real services: zero-shot labelling, training, promote --new-label-set and rollback under traffic (~15 min): benchmarks/results/label_set_loop.json
+	$(BIN)/python benchmarks/label_set_loop.py
+
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus student students bench bench-pruned bench-worker bench-faults loop-demo clean
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus student students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean
