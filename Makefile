@@ -27,8 +27,9 @@ run: setup ## Run the worker on embedded Kafka + Redis; then `intent-worker send
 test: setup ## Set up and run the whole test suite
 	$(BIN)/python -m pytest -q
 
-lint: setup ## ruff
+lint: setup ## ruff, and the import layering (import-linter contracts in pyproject.toml)
 	$(BIN)/ruff check worker tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 typecheck: setup ## mypy --strict on worker/
 	$(BIN)/mypy
