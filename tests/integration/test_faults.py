@@ -199,3 +199,31 @@ def test_health_is_503_while_the_broker_is_frozen_and_only_health_and_metrics_an
         finally:
             os.kill(broker.pid, signal.SIGCONT)
         worker.wait_healthy(timeout_s=30)
+
+
+def test_a_fresh_worker_resets_committed_offsets_past_the_end_and_labels_what_waits(
+    broker: EmbeddedService, redis_service: EmbeddedService, tmp_path: Path, student: Path
+) -> None:
+    waiting = [utterance(f"waiting-{i}", f"play track {i}") for i in range(60)]
+    produce(broker.bootstrap, UTTERANCES, waiting)
+
+    async def commit_beyond_the_end() -> None:  # what a worker of the lost broker left behind
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=broker.bootstrap, group_id="fresh", enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(UTTERANCES, p) for p in range(PARTITIONS)]
+            consumer.assign(partitions)
+            await consumer.commit({tp: 6_000 for tp in partitions})
+        finally:
+            await consumer.stop()
+
+    asyncio.run(commit_beyond_the_end())
+    with worker_on(broker, redis_service, tmp_path / "run", "fresh", student) as worker:
+        found = consume(broker.bootstrap, [INTENTS], lambda rs: len(rs) >= len(waiting), timeout_s=60)
+        assert {r.key for r in found} == {key for key, _ in waiting}, worker.log_tail()
+        resets = [e for e in worker.log_events() if e.get("event") == "offset_reset"]
+        assert {(e["offset"], e["reset_to"]) for e in resets} == {(6_000, 0)}
+        assert worker.terminate() == 0
+    assert sum(offset or 0 for offset in committed(broker.bootstrap, "fresh").values()) == len(waiting)
