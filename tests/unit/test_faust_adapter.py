@@ -2,7 +2,7 @@
 
 Each asserts the behaviour the worker relies on, against the installed libraries, without a
 broker (the started producer is checked against a real one in
-``tests/integration/test_faust_adapter.py``). A failure here after an upgrade means the
+``tests/integration/test_raw_producer_contract.py``). A failure here after an upgrade means the
 adapter needs a review before the worker can be trusted with its offsets.
 """
 
