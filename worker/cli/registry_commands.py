@@ -28,40 +28,40 @@ GATE_OPTIONS = {
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    promote = commands.add_parser(
+    promote_parser = commands.add_parser(
         "promote",
         help="gate a candidate against the served model; publish it to the workers if not worse",
     )
-    promote.add_argument("model_dir", help="the candidate model directory (from `intent-worker train`)")
-    promote.add_argument("--golden", nargs="*", help="labelled JSONL (default: MASSIVE + xSID validation)")
-    promote.add_argument("--golden-split", default="validation", help="rows of this split")
-    promote.add_argument("--dry-run", action="store_true", help="decide, but do not publish")
-    promote.add_argument(
+    promote_parser.add_argument("model_dir", help="the candidate model directory (from `intent-worker train`)")
+    promote_parser.add_argument("--golden", nargs="*", help="labelled JSONL (default: MASSIVE + xSID validation)")
+    promote_parser.add_argument("--golden-split", default="validation", help="rows of this split")
+    promote_parser.add_argument("--dry-run", action="store_true", help="decide, but do not publish")
+    promote_parser.add_argument(
         "--all-locales",
         action="store_true",
         help="judge KL per locale and agreement per language in all of them, not only the served languages",
     )
-    promote.add_argument("--out", help="write the gate's JSON report here")
-    promote.add_argument(
+    promote_parser.add_argument("--out", help="write the gate's JSON report here")
+    promote_parser.add_argument(
         "--new-label-set",
         action="store_true",
         help="the candidate may serve another label set than the current model (consumers get new labels)",
     )
     for option, text in GATE_OPTIONS.items():
         field = option.removeprefix("--").replace("-", "_")
-        promote.add_argument(
+        promote_parser.add_argument(
             option,
             type=float,
             default=None,
             help=f"{text} (default: INTENT_GATE_{field.upper()}, else {default_of(GateSettings, field)})",
         )
-    promote.set_defaults(handler=promote)
-    rollback = commands.add_parser(
+    promote_parser.set_defaults(handler=promote)
+    rollback_parser = commands.add_parser(
         "rollback", help="serve the previously promoted model again (after a promote; see `models`)"
     )
-    rollback.set_defaults(handler=rollback, timing=False)
-    models = commands.add_parser("models", help="the promoted model the workers serve, and the ones before")
-    models.set_defaults(handler=models, timing=False)
+    rollback_parser.set_defaults(handler=rollback, timing=False)
+    models_parser = commands.add_parser("models", help="the promoted model the workers serve, and the ones before")
+    models_parser.set_defaults(handler=models, timing=False)
 
 
 def promote(settings: Settings, args: argparse.Namespace) -> int:
