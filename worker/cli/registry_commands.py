@@ -32,8 +32,12 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "promote",
         help="gate a candidate against the served model; publish it to the workers if not worse",
     )
-    promote_parser.add_argument("model_dir", help="the candidate model directory (from `intent-worker train`)")
-    promote_parser.add_argument("--golden", nargs="*", help="labelled JSONL (default: MASSIVE + xSID validation)")
+    promote_parser.add_argument(
+        "model_dir", help="the candidate model directory (from `intent-worker train`)"
+    )
+    promote_parser.add_argument(
+        "--golden", nargs="*", help="labelled JSONL (default: MASSIVE + xSID validation)"
+    )
     promote_parser.add_argument("--golden-split", default="validation", help="rows of this split")
     promote_parser.add_argument("--dry-run", action="store_true", help="decide, but do not publish")
     promote_parser.add_argument(
@@ -60,7 +64,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "rollback", help="serve the previously promoted model again (after a promote; see `models`)"
     )
     rollback_parser.set_defaults(handler=rollback, timing=False)
-    models_parser = commands.add_parser("models", help="the promoted model the workers serve, and the ones before")
+    models_parser = commands.add_parser(
+        "models", help="the promoted model the workers serve, and the ones before"
+    )
     models_parser.set_defaults(handler=models, timing=False)
 
 
