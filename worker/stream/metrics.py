@@ -145,6 +145,13 @@ class WorkerMetrics:
             ["topic", "partition", "policy"],
             registry=r,
         )
+        self.offset_reset_unread = Counter(
+            f"{PREFIX}_offset_reset_unread",
+            "Records a replaced log held beyond this worker's position when it was replaced: acknowledged "
+            "to their producers, never read, gone with the old log (a lower bound).",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.model_reloads = Counter(
             f"{PREFIX}_model_reloads",
             "Hot reloads of a promoted model, by result (ok, failed).",

@@ -92,6 +92,9 @@ class OffsetGuard:
         #: When the broker last answered a fetch, as last seen (the consumer forgets it when it
         #: loses its assignment, which a silent broker causes).
         self.answered_ms: float | None = None
+        #: Per partition, since its last reset: the furthest log end and position seen.
+        self._high: dict[TP, int] = {}
+        self._done: dict[TP, int] = {}
 
     def broker_silent_s(self, now_ms: float | None = None) -> float | None:
         """Seconds since the broker last answered a fetch of this worker (None: not yet known)."""
@@ -120,6 +123,8 @@ class OffsetGuard:
             seen[tp] = offsets
             if offsets.past_the_end():
                 await self._reset(tp, offsets)
+            else:
+                self._remember(tp, offsets)
         self.offsets = seen
 
     async def _reset(self, tp: TP, offsets: PartitionOffsets) -> None:
@@ -132,8 +137,12 @@ class OffsetGuard:
                 start = 0  # a log that was just replaced starts at 0
         target = reset_target(self.policy, log_start=start, log_end=end)
         await reset_partition(self.app, tp, target)
+        # What the old log held beyond where this worker got: acknowledged to its producers, never
+        # read here, gone with the log (a lower bound: records after its last fetch are unknown).
+        unread = max(0, self._high.pop(tp, 0) - self._done.pop(tp, 0))
         self.resets += 1
         self.metrics.offset_resets.labels(tp.topic, str(tp.partition), self.policy.value).inc()
+        self.metrics.offset_reset_unread.labels(tp.topic, str(tp.partition)).inc(unread)
         log.warning(
             "offset_reset",
             topic=tp.topic,
@@ -143,7 +152,15 @@ class OffsetGuard:
             log_end=offsets.log_end,
             reset_to=target,
             policy=self.policy.value,
+            unread_in_replaced_log=unread,
         )
+
+    def _remember(self, tp: TP, offsets: PartitionOffsets) -> None:
+        if offsets.log_end is not None:
+            self._high[tp] = max(self._high.get(tp, 0), offsets.log_end)
+        done = max((o for o in (offsets.position, offsets.committed) if o is not None), default=None)
+        if done is not None:
+            self._done[tp] = max(self._done.get(tp, 0), done)
 
     def lag(self) -> list[PartitionLag]:
         """End of log minus the committed offset (the position before the first commit)."""
