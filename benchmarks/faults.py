@@ -92,16 +92,19 @@ class Context:
 
 def worker_facts(*workers: WorkerProcess) -> dict[str, object]:
     """Offset resets and the health of the workers at the end (metrics, log events, exit)."""
-    resets = 0.0
+    resets = unread = 0.0
     events: list[str] = []
     alive = []
     for worker in workers:
         alive.append(worker.alive())
         if worker.alive():
-            resets += metric_sum(worker.metrics(), "intent_worker_offset_resets_total")
+            metrics = worker.metrics()
+            resets += metric_sum(metrics, "intent_worker_offset_resets_total")
+            unread += metric_sum(metrics, "intent_worker_offset_reset_unread_total")
         events += [str(e.get("event")) for e in worker.log_events()]
     return {
         "offset_resets": int(resets),
+        "offset_reset_unread": int(unread),
         "offset_reset_events": events.count("offset_reset"),
         "workers_alive_at_end": alive,
         "classifier_failed_events": events.count("classifier_failed"),

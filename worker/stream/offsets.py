@@ -139,7 +139,9 @@ class OffsetGuard:
         await reset_partition(self.app, tp, target)
         # What the old log held beyond where this worker got: acknowledged to its producers, never
         # read here, gone with the log (a lower bound: records after its last fetch are unknown).
-        unread = max(0, self._high.pop(tp, 0) - self._done.pop(tp, 0))
+        high, done = self._high.pop(tp, 0), self._done.pop(tp, 0)
+        replaced = offsets.log_end is not None and offsets.log_end < high  # the log's end went back
+        unread = max(0, high - done) if replaced else 0
         self.resets += 1
         self.metrics.offset_resets.labels(tp.topic, str(tp.partition), self.policy.value).inc()
         self.metrics.offset_reset_unread.labels(tp.topic, str(tp.partition)).inc(unread)
@@ -153,6 +155,7 @@ class OffsetGuard:
             reset_to=target,
             policy=self.policy.value,
             unread_in_replaced_log=unread,
+            reason="log_end_went_back" if replaced else "past_the_end_or_position_moved_back",
         )
 
     def _remember(self, tp: TP, offsets: PartitionOffsets) -> None:
