@@ -12,7 +12,8 @@
 4. ``intent-worker train`` distils generation 1 from that dataset plus the development corpus
    (``make corpus``), with a fast CNN recipe (``--recipe``).
 5. ``intent-worker promote`` gates generation 1 against generation 0 (per locale and per
-   language) and publishes it while traffic flows at a steady rate; then ``rollback``. Every
+   language) and publishes it while traffic flows at a steady rate (``--switch-rate``, from 10 s
+   before the gate to 10 s after the rollback); ``rollback`` 30 s after the promotion. Every
    utterance sent is checked: answered once, by which version, none lost or dead-lettered.
 6. The gate in reverse (dry run): generation 0 offered as a candidate against generation 1.
 7. Agreement with the teacher per language, generation 0 against generation 1, on the gate's
@@ -44,14 +45,14 @@ import pyarrow.parquet as pq
 import redis
 from common import machine, write_result
 from flywheel_labeller import cli, crash_test, label_report, labeller_throughput, parallel_labellers
-from streams import ROOT, Text, broker, produce, produce_at_rate, read_topic, topic_ends, utterance_bytes
+from streams import ROOT, Text, broker, new_producer, produce, read_topic, topic_ends, utterance_bytes
 
 from worker.config import Settings
 from worker.data.corpora import language_of, read_jsonl
 from worker.dev.harness import WorkerProcess, metric_sum, worker_env
 from worker.dev.services import start_redis
 from worker.models.student import Student, chunked_logits
-from worker.topics import DEAD_LETTERS, INTENTS, buffer_key
+from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES, buffer_key
 from worker.training.distil import split_bucket
 
 PREFIX = "flywheel"
@@ -110,6 +111,34 @@ def replay(kafka: str, worker: WorkerProcess, texts: list[Text], client: redis.R
     }
 
 
+async def steady_traffic(kafka: str, pool: list[Text], rate: float, stop: threading.Event) -> list[Text]:
+    """Utterances from ``pool`` (cycled, each with a new id) at ``rate`` per second until ``stop``."""
+    producer = new_producer(kafka, linger_ms=0)
+    await producer.start()
+    sent: list[Text] = []
+    started = time.monotonic()
+    try:
+        pending = []
+        for i, row in enumerate(itertools.cycle(pool)):
+            if stop.is_set():
+                break
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            item = Text(f"switch-{i}", row.text, row.locale)
+            pending.append(
+                await producer.send(UTTERANCES, utterance_bytes(item, time.time()), key=item.id.encode())
+            )
+            sent.append(item)
+            if len(pending) >= 1000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return sent
+
+
 def switch(
     kafka: str,
     worker: WorkerProcess,
@@ -118,30 +147,31 @@ def switch(
     work: Path,
     pool: list[Text],
     rate: float,
-    seconds: float,
 ) -> dict[str, Any]:
-    """Steady traffic; promote ``candidate`` (gate included) after 10 s, roll back 30 s after that."""
-    items = [
-        Text(f"switch-{i}", t.text, t.locale)
-        for i, t in enumerate(itertools.islice(itertools.cycle(pool), int(rate * seconds)))
-    ]
+    """Steady traffic throughout: promote ``candidate`` (the gate runs first, under this traffic)
+    after 10 s, roll back 30 s after it is published, and stop sending 10 s after that."""
     intents_start = asyncio.run(topic_ends(kafka, INTENTS))
     dlq_start = asyncio.run(topic_ends(kafka, DEAD_LETTERS))
     before = worker.health()[1].get("model_version")
-    result: dict[str, Any] = {}
+    stop = threading.Event()
+    items: list[Text] = []
+    began = time.monotonic()
     sender = threading.Thread(
-        target=lambda: result.update(rate=asyncio.run(produce_at_rate(kafka, items, rate)))
+        target=lambda: items.extend(asyncio.run(steady_traffic(kafka, pool, rate, stop)))
     )
     sender.start()
     time.sleep(10)
     promote = cli(["promote", str(candidate), "--out", str(work / "gate-gen1.json")], env, check=False)
     print(promote.stdout, flush=True)
-    promoted_at = time.time()  # the gate measured both models under this traffic, then published
+    promoted_at = time.time()
     time.sleep(30)
     # A refused candidate changed nothing: there is nothing to roll back.
     rollback = cli(["rollback"], env, check=False) if promote.returncode == 0 else None
     rolled_back_at = time.time() if rollback else None
+    time.sleep(10)
+    stop.set()
     sender.join()
+    seconds = time.monotonic() - began
     deadline = time.monotonic() + 120
     records = []
     while time.monotonic() < deadline:
@@ -161,7 +191,8 @@ def switch(
     return {
         "sent": len(items),
         "offered_rate_per_s": rate,
-        "achieved_rate_per_s": round(result.get("rate", 0.0), 1),
+        "achieved_rate_per_s": round(len(items) / seconds, 1),
+        "seconds": round(seconds, 1),
         "answered": len(sent_ids & set(answered)),
         "lost": len(sent_ids - set(answered)),
         "answered_twice": sum(1 for v in answered.values() if len(v) > 1),
@@ -302,9 +333,6 @@ def main() -> int:
         "--kills", type=int, default=6, help="labellers killed at random points (0: skip step 2)"
     )
     parser.add_argument("--switch-rate", type=float, default=300.0)
-    parser.add_argument(
-        "--switch-seconds", type=float, default=150.0, help="long enough to gate, promote, roll back"
-    )
     parser.add_argument("--result", default="flywheel", help="benchmarks/results/<name>.json")
     args = parser.parse_args()
     work: Path = args.workdir.resolve()  # the services run in directories of their own
@@ -397,9 +425,7 @@ def main() -> int:
             step("train", began)
             began = time.perf_counter()
             print("5. gate + promote generation 1, then roll back, under steady traffic", flush=True)
-            result["switch"] = switch(
-                kafka.bootstrap, worker, env, gen1, work, replayed, args.switch_rate, args.switch_seconds
-            )
+            result["switch"] = switch(kafka.bootstrap, worker, env, gen1, work, replayed, args.switch_rate)
             print(
                 json.dumps({k: v for k, v in result["switch"].items() if k != "promote_stdout"}, indent=1),
                 flush=True,
