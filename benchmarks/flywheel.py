@@ -58,7 +58,10 @@ from worker.training.distil import split_bucket
 PREFIX = "flywheel"
 GROUP = "flywheel"
 HELD_BACK = 0.05  # the trainer's validation bucket: split_bucket(id) below this is never trained on
-RECIPE = "--arch cnn --embedding-dim 256 --kernels 2,3,4 --filters 128 --min-count 2 --epochs 6 --patience 2"
+RECIPE = (
+    "--arch cnn --embedding-dim 256 --kernels 2,3,4 --filters 128 --min-count 2 --epochs 6 --patience 2"
+    " --sparse-embeddings"
+)
 
 
 def traffic_rows(traffic: Path, per_language: int, held_back: int) -> tuple[list[Text], list[Text]]:
