@@ -53,19 +53,19 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
                     dict.fromkeys((UTTERANCES, INTENTS, DEAD_LETTERS), partitions),
                 )
             )
+            redis = RedisConnection.from_settings(
+                settings, services.redis_url, password=services.redis_password
+            )
             worker = build_worker(
                 settings,
                 kafka_bootstrap=services.kafka_bootstrap,
-                redis_url=RedisConnection.from_settings(
-                    settings, services.redis_url, password=services.redis_password
-                ),
+                redis_url=redis,
                 student=student,
                 web_port=resolve_web_port(settings),
                 served=opened.served,
             )
-            state = RunState(
-                services.kafka_bootstrap, redact_url(services.redis_url), worker.web_url, os.getpid()
-            )
+            # The URL without any password (a configured one stays in the settings, never in a file).
+            state = RunState(services.kafka_bootstrap, redis.url, worker.web_url, os.getpid())
             state_path = state.write(settings.run_dir, redis_password=services.redis_password)
             for service in services.embedded:
                 say(f"{service.name:<7} {service.address}  (embedded; log {service.log_path})")
