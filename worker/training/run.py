@@ -121,11 +121,7 @@ def train_model_dir(
     log.info("exporting", fp32="fp32.onnx", then="INT8 static quantisation (about a minute)")
 
     out = request.out
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    tokenizer.save(str(staging / "tokenizer.json"))
-    (staging / "labels.json").write_text(json.dumps(list(labels)) + "\n")
+    staging = new_staging(out, tokenizer, labels)
     fp32 = export_onnx(result.model, staging / "fp32.onnx")
     int8 = staging / "int8.onnx"
     calibration = [e.text for _, e in zip(range(512), train_source(), strict=False)]
@@ -198,6 +194,16 @@ def train_model_dir(
 def checkpoint_path(out: Path) -> Path:
     """Where a run writing ``out`` keeps its per-epoch state: the same command resumes from it."""
     return out.with_name(out.name + ".checkpoint") / "train.pt"
+
+
+def new_staging(out: Path, tokenizer: Tokenizer, labels: Sequence[str]) -> Path:
+    """An empty ``<out>.tmp`` beside ``out``, holding the tokenizer and the labels so far."""
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tokenizer.save(str(staging / "tokenizer.json"))
+    (staging / "labels.json").write_text(json.dumps(list(labels)) + "\n")
+    return staging
 
 
 def publish_model_dir(staging: Path, out: Path, card: dict[str, Any]) -> dict[str, Any]:

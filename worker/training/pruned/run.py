@@ -52,7 +52,7 @@ from worker.training.pruned.encoder import (
     run_graph,
     vocabulary_report,
 )
-from worker.training.run import MIN_INT8_AGREEMENT, TrainRequest, publish_model_dir
+from worker.training.run import MIN_INT8_AGREEMENT, TrainRequest, new_staging, publish_model_dir
 from worker.training.vocab import count_pieces
 
 log = structlog.get_logger(__name__)
@@ -211,11 +211,7 @@ def train_pruned_model_dir(
         }
 
     out = request.out
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    tokenizer.save(str(staging / "tokenizer.json"))
-    (staging / "labels.json").write_text(json.dumps(list(labels)) + "\n")
+    staging = new_staging(out, tokenizer, labels)
     fp32 = staging / "fp32.onnx"
     import onnx
 
