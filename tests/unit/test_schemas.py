@@ -114,7 +114,9 @@ def test_fields_and_required_sets_match(record: Record) -> None:
         }
         assert set(schema["required"]) == no_default == {"id", "text"}
     else:  # what the worker writes: every field, always (optional: fields added to v1 compatibly)
-        assert set(schema["required"]) | ADDED_IN_V1.get(record.SCHEMA, set()) == fields == set(record.to_dict())
+        assert (
+            set(schema["required"]) | ADDED_IN_V1.get(record.SCHEMA, set()) == fields == set(record.to_dict())
+        )
 
 
 #: Fields added to a v1 schema after its release: optional, so earlier records stay valid.
