@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHARED_DATA ?= ../shared/data
 DATASET ?= .cache/datasets/dev
+TRAFFIC ?= .cache/datasets/traffic
 STUDENTS ?= build/students
 
 .DEFAULT_GOAL := help
@@ -46,9 +47,17 @@ teacher-eval: setup ## Evaluate the teacher on the MASSIVE and xSID validation s
 corpus: setup ## Label MASSIVE train + Tatoeba with the teacher into $(DATASET)
 	$(BIN)/intent-worker corpus build --out $(DATASET)
 
-student: corpus ## Reproduce the shipped student in models/student (INT8 CNN)
-	$(BIN)/intent-worker train --arch cnn --filters 128 --min-count 2 --epochs 30 --data $(DATASET) --out models/student
+traffic: setup ## Label 6,000 rows per language of ../shared/data/traffic with the teacher into $(TRAFFIC) (resumable)
+	$(BIN)/intent-worker corpus build --data $(SHARED_DATA)/traffic/*.jsonl --per-file 6000 --out $(TRAFFIC)
+
+student: corpus traffic ## Reproduce the shipped multilingual student in models/student (INT8 CNN; resumable, ~40 min on 2 cores)
+	$(BIN)/intent-worker train --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 \
+		--epochs 12 --patience 2 --plateau-factor 0.5 --min-delta 0.002 --batch-size 256 --lr 0.0015 \
+		--sparse-embeddings --data $(DATASET) $(TRAFFIC) --out models/student
 	rm -f models/student/fp32.onnx
+
+bench-multilingual: setup ## Per-language agreement (xSID, MASSIVE, held-back traffic, smoke fixture) of models/student: benchmarks/results/multilingual.*
+	$(BIN)/python benchmarks/multilingual.py --traffic $(TRAFFIC) models/student
 
 students: corpus ## Train every student of the comparison into $(STUDENTS)
 	bash benchmarks/train_students.sh $(DATASET) $(STUDENTS)
@@ -78,4 +87,4 @@ label-set-demo: corpus ## A new label set through the loop on real services: zer
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus student students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus traffic student bench-multilingual students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean
