@@ -67,6 +67,17 @@ def committed(bootstrap: str, group: str) -> dict[int, int | None]:
     return asyncio.run(read())
 
 
+def diagnosis(worker: WorkerProcess) -> str:
+    """What the worker says about itself (counters, lag, resets) and the end of its log."""
+    try:
+        metrics = worker.metrics()
+    except Exception as exc:  # a worker that stopped answering: its log says why
+        metrics = {"unavailable": repr(exc)}  # type: ignore[dict-item]
+    wanted = ("utterances_total", "labels_total", "lag", "reset", "batch_size_count")
+    shown = {k: v for k, v in metrics.items() if any(w in k for w in wanted)}
+    return f"{shown}\n{worker.log_tail()}"
+
+
 def test_poison_pills_become_bounded_dead_letters_and_their_offsets_are_committed(
     broker: EmbeddedService, redis_service: EmbeddedService, tmp_path: Path, student: Path
 ) -> None:
@@ -131,7 +142,7 @@ def test_offsets_past_the_end_of_a_restarted_brokers_log_are_reset_and_counted(
         found = consume(
             second.bootstrap, [INTENTS], lambda rs: {k for k, _ in after} <= {r.key for r in rs}, 90
         )
-        assert {k for k, _ in after} <= {r.key for r in found}, worker.log_tail()
+        assert {k for k, _ in after} <= {r.key for r in found}, (worker.health(), diagnosis(worker))
         resets = [e for e in worker.log_events() if e.get("event") == "offset_reset"]
         assert {int(str(e["partition"])) for e in resets} == set(range(PARTITIONS))
         for event in resets:
