@@ -143,8 +143,13 @@ def test_offsets_past_the_end_of_a_restarted_brokers_log_are_reset_and_counted(
             second.bootstrap, [INTENTS], lambda rs: {k for k, _ in after} <= {r.key for r in rs}, 90
         )
         assert {k for k, _ in after} <= {r.key for r in found}, (worker.health(), diagnosis(worker))
-        resets = [e for e in worker.log_events() if e.get("event") == "offset_reset"]
-        assert {int(str(e["partition"])) for e in resets} == set(range(PARTITIONS))
+        deadline = time.monotonic() + 10  # the guard looks once a second, and after a rebalance
+        while True:
+            resets = [e for e in worker.log_events() if e.get("event") == "offset_reset"]
+            if len(resets) >= PARTITIONS or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert {int(str(e["partition"])) for e in resets} == set(range(PARTITIONS)), diagnosis(worker)
         for event in resets:
             assert event["policy"] == "earliest" and int(str(event["log_end"])) < int(str(event["offset"]))
         metrics = worker.metrics()

@@ -107,6 +107,9 @@ class OffsetGuard:
 
     async def check(self) -> None:
         self.broker_silent_s()  # remember the last answer while the consumer still knows it
+        # While faust revokes and seeks, positions are in flux: only remember what the log showed,
+        # and judge once the partitions are assigned again.
+        judge = not self.app.rebalancing
         consumer = self.app.consumer
         try:
             assigned = consumer.assignment()
@@ -121,13 +124,23 @@ class OffsetGuard:
             read, committed = faust_offsets(self.app, tp)
             offsets = PartitionOffsets(log_end(self.app, tp), position, read, committed)
             seen[tp] = offsets
-            if offsets.past_the_end():
-                await self._reset(tp, offsets)
+            high = self._high.get(tp)
+            went_back = high is not None and offsets.log_end is not None and offsets.log_end < high
+            if not judge:
+                if not went_back:
+                    self._remember(tp, offsets)
+            elif offsets.past_the_end():
+                await self._reset(tp, offsets, seek=True)
+            elif went_back:
+                # A log end never goes back: the log was replaced, yet the consumer already stands
+                # inside the new one (faust forgot the old offsets in the rebalance and aiokafka
+                # started from the new log's start). Said and counted; moved only for ``latest``.
+                await self._reset(tp, offsets, seek=self.policy is OffsetResetPolicy.LATEST)
             else:
                 self._remember(tp, offsets)
         self.offsets = seen
 
-    async def _reset(self, tp: TP, offsets: PartitionOffsets) -> None:
+    async def _reset(self, tp: TP, offsets: PartitionOffsets, *, seek: bool) -> None:
         end = offsets.log_end if offsets.log_end is not None else offsets.position or 0
         start = 0
         if self.policy is OffsetResetPolicy.EARLIEST:
@@ -135,8 +148,9 @@ class OffsetGuard:
                 start = int((await self.app.consumer.earliest_offsets(tp)).get(tp, 0))
             except KafkaError:
                 start = 0  # a log that was just replaced starts at 0
-        target = reset_target(self.policy, log_start=start, log_end=end)
-        await reset_partition(self.app, tp, target)
+        target = reset_target(self.policy, log_start=start, log_end=end) if seek else offsets.position
+        if seek:
+            await reset_partition(self.app, tp, target or 0)
         # What the old log held beyond where this worker got: acknowledged to its producers, never
         # read here, gone with the log (a lower bound: records after its last fetch are unknown).
         high, done = self._high.pop(tp, 0), self._done.pop(tp, 0)
@@ -149,7 +163,12 @@ class OffsetGuard:
             "offset_reset",
             topic=tp.topic,
             partition=tp.partition,
-            offset=offsets.committed if offsets.committed is not None else offsets.position,
+            # Where this worker stood: in the replaced log when the end went back, else faust's commit.
+            offset=done
+            if replaced and done
+            else offsets.committed
+            if offsets.committed is not None
+            else offsets.position,
             position=offsets.position,
             log_end=offsets.log_end,
             reset_to=target,
