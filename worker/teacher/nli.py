@@ -26,18 +26,22 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import structlog
 from tokenizers import Encoding, Tokenizer
 
 from worker.errors import ModelError
-from worker.models.onnx import clean_text, read_labels, session_options
+from worker.models.onnx import clean_text, read_labels
 from worker.teacher.label_set import LabelSet
-from worker.teacher.runtime import Logits
+from worker.teacher.runtime import (
+    CHARS_PER_TOKEN,
+    LabelSetTeacher,
+    Logits,
+    graph_inputs,
+    open_onnx,
+    run_in_batches,
+)
 
 log = structlog.get_logger(__name__)
-
-_CHARS_PER_TOKEN = 64
 
 
 def nli_classes(directory: Path) -> tuple[str, ...]:
@@ -76,7 +80,7 @@ def entailment_index(classes: Sequence[str], override: object = None) -> int:
     return found[0]
 
 
-class NliTeacher:
+class NliTeacher(LabelSetTeacher):
     """A `Teacher` from an ONNX sequence-pair classifier and a label set."""
 
     def __init__(
@@ -93,16 +97,7 @@ class NliTeacher:
         max_length: int = 512,
         batch_tokens: int = 8192,
     ) -> None:
-        for path in (model_path, tokenizer_path):
-            if not path.exists():
-                raise ModelError(f"model file {path} does not exist")
-        try:
-            self._session = ort.InferenceSession(
-                str(model_path), session_options(threads), providers=["CPUExecutionProvider"]
-            )
-            self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as exc:  # onnxruntime and tokenizers raise bare RuntimeErrors
-            raise ModelError(f"cannot load {model_path} / {tokenizer_path}: {exc}") from exc
+        self._session, self._tokenizer = open_onnx(model_path, tokenizer_path, threads)
         if self._tokenizer.post_processor is None:
             raise ModelError(
                 f"{tokenizer_path}: no post-processor, so nothing marks where the premise ends "
@@ -111,19 +106,13 @@ class NliTeacher:
         self._tokenizer.no_padding()
         # Cut the premise, never the hypothesis: it names the label.
         self._tokenizer.enable_truncation(max_length=max_length, strategy="only_first")
-        self._inputs = {i.name for i in self._session.get_inputs()}
-        missing = {"input_ids", "attention_mask"} - self._inputs
-        if missing:
-            raise ModelError(f"{model_path}: graph lacks inputs {sorted(missing)}")
-        outputs = [o.name for o in self._session.get_outputs()]
-        if output not in outputs:
-            raise ModelError(f"{model_path}: no output {output!r} (has {outputs})")
+        self._inputs = graph_inputs(self._session, model_path, output)
         self.label_set = label_set
         self.classes = tuple(classes)
         self.entailment = entailment
         self._output = output
         self._identity = identity
-        self._max_chars = _CHARS_PER_TOKEN * max_length
+        self._max_chars = CHARS_PER_TOKEN * max_length
         self._batch_tokens = batch_tokens
         self._hypotheses = [h for label in label_set.labels for h in label_set.hypotheses(label)]
         self._owners = np.array(
@@ -177,18 +166,6 @@ class NliTeacher:
         return teacher
 
     @property
-    def labels(self) -> tuple[str, ...]:
-        return self.label_set.names
-
-    @property
-    def identity(self) -> str:
-        return self._identity
-
-    @property
-    def label_set_id(self) -> str:
-        return self.label_set.id
-
-    @property
     def pairs_per_utterance(self) -> int:
         """Model rows one text costs: one per hypothesis, so at least one per label."""
         return len(self._hypotheses)
@@ -218,22 +195,12 @@ class NliTeacher:
 
     def _run(self, pairs: Sequence[Encoding]) -> Logits:
         """Class logits of every pair, in order: length-sorted batches under the token budget."""
-        n = len(pairs)
-        order = sorted(range(n), key=lambda i: len(pairs[i].ids))
-        out: Logits | None = None
-        start = 0
-        while start < n:
-            end = start + 1
-            while end < n and (end + 1 - start) * len(pairs[order[end]].ids) <= self._batch_tokens:
-                end += 1
-            rows = order[start:end]
-            values = self._run_batch([pairs[i] for i in rows])
-            if out is None:
-                out = np.empty((n, values.shape[1]), dtype=np.float32)
-            out[rows] = values
-            start = end
-        assert out is not None  # n >= 1: callers never run an empty batch
-        return out
+        # n >= 1: callers never run an empty batch
+        return run_in_batches(
+            [len(p.ids) for p in pairs],
+            self._batch_tokens,
+            lambda rows: self._run_batch([pairs[i] for i in rows]),
+        )
 
     def _run_batch(self, batch: Sequence[Encoding]) -> Logits:
         longest = max(len(e.ids) for e in batch)

@@ -15,7 +15,7 @@ Input handling, the same for every teacher:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Protocol
@@ -27,10 +27,11 @@ from tokenizers import Tokenizer
 
 from worker.errors import ModelError
 from worker.models.onnx import clean_text, label_names_id, pad_batch, read_labels, session_options
+from worker.teacher.label_set import LabelSet
 
 Logits = npt.NDArray[np.float32]
 
-_CHARS_PER_TOKEN = 64
+CHARS_PER_TOKEN = 64
 
 
 class Teacher(Protocol):
@@ -55,6 +56,79 @@ class Teacher(Protocol):
     def iter_logits(self, texts: Iterable[str], chunk_size: int = 1024) -> Iterator[Logits]: ...
 
 
+def open_onnx(model_path: Path, tokenizer_path: Path, threads: int) -> tuple[ort.InferenceSession, Tokenizer]:
+    """The model's CPU session and its tokenizer; a missing or unreadable file is a `ModelError`."""
+    for path in (model_path, tokenizer_path):
+        if not path.exists():
+            raise ModelError(f"model file {path} does not exist")
+    try:
+        session = ort.InferenceSession(
+            str(model_path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as exc:  # onnxruntime and tokenizers raise bare RuntimeErrors
+        raise ModelError(f"cannot load {model_path} / {tokenizer_path}: {exc}") from exc
+    return session, tokenizer
+
+
+def graph_inputs(session: ort.InferenceSession, model_path: Path, output: str) -> set[str]:
+    """The graph's input names, once it is known to take ``input_ids``/``attention_mask`` and
+    to have ``output``."""
+    inputs = {i.name for i in session.get_inputs()}
+    missing = {"input_ids", "attention_mask"} - inputs
+    if missing:
+        raise ModelError(f"{model_path}: graph lacks inputs {sorted(missing)}")
+    outputs = [o.name for o in session.get_outputs()]
+    if output not in outputs:
+        raise ModelError(f"{model_path}: no output {output!r} (has {outputs})")
+    return inputs
+
+
+def run_in_batches(
+    lengths: Sequence[int], batch_tokens: int, run_batch: Callable[[list[int]], Logits]
+) -> Logits:
+    """``run_batch(rows)`` over length-sorted batches of row indices, put back in row order.
+
+    A batch grows while its padded size (rows × longest) stays within ``batch_tokens``; a row
+    longer than the budget is a batch of its own. Needs at least one row.
+    """
+    n = len(lengths)
+    order = sorted(range(n), key=lengths.__getitem__)
+    out: Logits | None = None
+    start = 0
+    while start < n:
+        end = start + 1
+        while end < n and (end + 1 - start) * lengths[order[end]] <= batch_tokens:
+            end += 1
+        rows = order[start:end]
+        values = run_batch(rows)
+        if out is None:
+            out = np.empty((n, values.shape[1]), dtype=np.float32)
+        out[rows] = values
+        start = end
+    assert out is not None, "run_in_batches needs at least one row"
+    return out
+
+
+class LabelSetTeacher:
+    """The `Teacher` properties of a teacher scoring a `LabelSet`: set ``label_set`` and ``_identity``."""
+
+    label_set: LabelSet
+    _identity: str
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.label_set.names
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @property
+    def label_set_id(self) -> str:
+        return self.label_set.id
+
+
 class OnnxSequenceModel:
     """An ONNX graph over ``input_ids``/``attention_mask`` (and optional ``token_type_ids``)."""
 
@@ -69,29 +143,14 @@ class OnnxSequenceModel:
         prefix: str = "",
         batch_tokens: int = 8192,
     ) -> None:
-        for path in (model_path, tokenizer_path):
-            if not path.exists():
-                raise ModelError(f"model file {path} does not exist")
-        try:
-            self._session = ort.InferenceSession(
-                str(model_path), session_options(threads), providers=["CPUExecutionProvider"]
-            )
-            self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as exc:  # onnxruntime and tokenizers raise bare RuntimeErrors
-            raise ModelError(f"cannot load {model_path} / {tokenizer_path}: {exc}") from exc
+        self._session, self._tokenizer = open_onnx(model_path, tokenizer_path, threads)
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_length)
-        self._inputs = {i.name for i in self._session.get_inputs()}
-        missing = {"input_ids", "attention_mask"} - self._inputs
-        if missing:
-            raise ModelError(f"{model_path}: graph lacks inputs {sorted(missing)}")
-        outputs = [o.name for o in self._session.get_outputs()]
-        if output not in outputs:
-            raise ModelError(f"{model_path}: no output {output!r} (has {outputs})")
+        self._inputs = graph_inputs(self._session, model_path, output)
         self.model_path = model_path
         self._output = output
         self._prefix = prefix
-        self._max_chars = _CHARS_PER_TOKEN * max_length
+        self._max_chars = CHARS_PER_TOKEN * max_length
         self._batch_tokens = batch_tokens
         self.max_length = max_length
 
@@ -108,22 +167,11 @@ class OnnxSequenceModel:
             width = self._session.get_outputs()
             shape = next(o.shape for o in width if o.name == self._output)
             return np.zeros((0, int(shape[-1]) if isinstance(shape[-1], int) else 0), np.float32)
-        order = sorted(range(n), key=lambda i: len(ids[i]))
-        parts: list[tuple[list[int], Logits]] = []
-        start = 0
-        while start < n:
-            # Grow the batch while the padded size (rows × longest) stays in budget.
-            end = start + 1
-            while end < n and (end + 1 - start) * len(ids[order[end]]) <= self._batch_tokens:
-                end += 1
-            rows = order[start:end]
-            parts.append((rows, self._run_batch([ids[i] for i in rows])))
-            start = end
-        width = parts[0][1].shape[1]
-        out = np.empty((n, width), dtype=np.float32)
-        for rows, values in parts:
-            out[rows] = values
-        return out
+        return run_in_batches(
+            [len(row) for row in ids],
+            self._batch_tokens,
+            lambda rows: self._run_batch([ids[i] for i in rows]),
+        )
 
     def _run_batch(self, batch: list[list[int]]) -> Logits:
         input_ids, mask = pad_batch(batch, self._pad_id)

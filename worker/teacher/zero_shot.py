@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from worker.models.onnx import clean_text
 from worker.teacher.label_set import LabelSet
-from worker.teacher.runtime import Logits
+from worker.teacher.runtime import LabelSetTeacher, Logits
 
 QUERY = "query: "
 PASSAGE = "passage: "
@@ -164,7 +164,7 @@ def score(utterances: Array, matrix: LabelMatrix, config: ZeroShotConfig) -> Log
     return centred
 
 
-class ZeroShotTeacher:
+class ZeroShotTeacher(LabelSetTeacher):
     """A `Teacher` from the e5 encoder and a label set; no training data involved.
 
     ``encoder`` must add no prefix of its own (the prefixes are part of the arrangement).
@@ -185,18 +185,6 @@ class ZeroShotTeacher:
         self._matrix = label_matrix(protos, encoder.run(list(protos.texts)))
         digest = hashlib.sha256(f"{label_set.sha256}:{self._config.digest()}".encode()).hexdigest()
         self._identity = f"e5-zero-shot@{encoder_key[:8]}.{digest[:12]}"
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self.label_set.names
-
-    @property
-    def identity(self) -> str:
-        return self._identity
-
-    @property
-    def label_set_id(self) -> str:
-        return self.label_set.id
 
     @property
     def config(self) -> ZeroShotConfig:
