@@ -13,10 +13,10 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker.connections import KafkaConnection, as_kafka
@@ -230,6 +230,37 @@ class BrokerWatch:
         return False
 
 
+def groupless_consumer(kafka: KafkaConnection, *topics: str, from_beginning: bool) -> AIOKafkaConsumer:
+    """A consumer in no group: reading commits nothing and disturbs no worker's group."""
+    return AIOKafkaConsumer(
+        *topics,
+        **kafka.aiokafka_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+    )
+
+
+async def fetch_batches(
+    consumer: AIOKafkaConsumer,
+    *,
+    done: Callable[[], bool],
+    deadline: float | None,
+    max_records: int,
+    watch: BrokerWatch | None = None,
+) -> AsyncIterator[dict[TopicPartition, list[ConsumerRecord]]]:
+    """``consumer.getmany`` batches (at most 1 s apart) until ``done()`` or the ``time.monotonic()``
+    ``deadline``; ``watch`` hears of every fetch, empty or not."""
+    while not done():
+        wait_ms = 1000 if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
+        if deadline is not None and wait_ms <= 0:
+            return
+        batches = await consumer.getmany(timeout_ms=min(wait_ms, 1000), max_records=max_records)
+        if watch is not None:
+            await watch.check(got_records=bool(batches))
+        yield batches
+
+
 def describe(intent: Intent, text: str | None) -> str:
     """One line of ``tail``: id, label, top score, locale, model version, text (if known)."""
     top = intent.scores.get(intent.label, 0.0)
@@ -259,28 +290,21 @@ async def follow_intents(
     watermark and carry older timestamps; on a broker that answers correctly there are none.
     """
     bootstrap = as_kafka(kafka).bootstrap
-    consumer = AIOKafkaConsumer(
-        INTENTS,
-        UTTERANCES,
-        **as_kafka(kafka).aiokafka_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest" if from_beginning else "latest",
-    )
+    consumer = groupless_consumer(as_kafka(kafka), INTENTS, UTTERANCES, from_beginning=from_beginning)
     texts: OrderedDict[str, str] = OrderedDict()
     seen = 0
     started_ms = time.time() * 1000
     first_highwater: dict[TopicPartition, int] = {}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def counted() -> bool:
+        return count is not None and seen >= count
+
     try:
         await consumer.start()
-        while count is None or seen < count:
-            wait_ms = 1000 if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
-            if deadline is not None and wait_ms <= 0:
-                break
-            batches = await consumer.getmany(timeout_ms=min(wait_ms, 1000), max_records=1000)
-            if watch is not None:
-                await watch.check(got_records=bool(batches))
+        async for batches in fetch_batches(
+            consumer, done=counted, deadline=deadline, max_records=1000, watch=watch
+        ):
             # Utterances first, so that a label fetched together with its utterance shows the text.
             for partition, records in sorted(batches.items(), key=lambda item: item[0].topic != UTTERANCES):
                 for record in records:

@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker.connections import KafkaConnection
-from worker.dev.client import BrokerWatch
+from worker.dev.client import BrokerWatch, fetch_batches, groupless_consumer
 from worker.errors import BadInput, ServiceError
 from worker.schemas import DeadLetter, Utterance
 from worker.topics import DEAD_LETTERS, UTTERANCES
@@ -127,17 +127,6 @@ def parse_position(text: str) -> tuple[int, int]:
     return partition, offset
 
 
-def _consumer(kafka: KafkaConnection, *topics: str, from_beginning: bool) -> AIOKafkaConsumer:
-    # No consumer group: reading dead letters commits nothing and disturbs no worker.
-    return AIOKafkaConsumer(
-        *topics,
-        **kafka.aiokafka_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest" if from_beginning else "latest",
-    )
-
-
 def _decode(partition: int, offset: int, raw: bytes | None) -> StoredLetter | None:
     try:
         return StoredLetter(partition, offset, DeadLetter.from_json_bytes(raw or b""))
@@ -155,18 +144,18 @@ async def follow_dead_letters(
     watch: BrokerWatch | None = None,
 ) -> int:
     """Call ``on_letter(stored, raw)`` for each dead letter until ``count`` or ``timeout_s``."""
-    consumer = _consumer(kafka, DEAD_LETTERS, from_beginning=from_beginning)
+    consumer = groupless_consumer(kafka, DEAD_LETTERS, from_beginning=from_beginning)
     seen = 0
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def counted() -> bool:
+        return count is not None and seen >= count
+
     try:
         await consumer.start()
-        while count is None or seen < count:
-            wait_ms = 1000 if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
-            if deadline is not None and wait_ms <= 0:
-                break
-            batches = await consumer.getmany(timeout_ms=min(wait_ms, 1000), max_records=500)
-            if watch is not None:
-                await watch.check(got_records=bool(batches))
+        async for batches in fetch_batches(
+            consumer, done=counted, deadline=deadline, max_records=500, watch=watch
+        ):
             for partition, records in sorted(batches.items()):
                 for record in records:
                     stored = _decode(partition.partition, record.offset, record.value)
@@ -189,7 +178,7 @@ async def read_all_dead_letters(kafka: KafkaConnection, *, idle_s: float = 10.0)
     batch's base offset + 1. So the read goes on past them until a fetch brings nothing older
     than the read's start.
     """
-    consumer = _consumer(kafka, from_beginning=True)  # assigned below, not subscribed
+    consumer = groupless_consumer(kafka, from_beginning=True)  # assigned below, not subscribed
     letters: list[StoredLetter] = []
     started_ms = time.time() * 1000
     try:
