@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -241,24 +241,43 @@ def groupless_consumer(kafka: KafkaConnection, *topics: str, from_beginning: boo
     )
 
 
-async def fetch_batches(
+Batches = dict[TopicPartition, list[ConsumerRecord]]
+
+
+async def follow(
     consumer: AIOKafkaConsumer,
+    take: Callable[[Batches, int | None], int],
     *,
-    done: Callable[[], bool],
-    deadline: float | None,
+    source: str,
+    count: int | None,
+    timeout_s: float | None,
     max_records: int,
     watch: BrokerWatch | None = None,
-) -> AsyncIterator[dict[TopicPartition, list[ConsumerRecord]]]:
-    """``consumer.getmany`` batches (at most 1 s apart) until ``done()`` or the ``time.monotonic()``
-    ``deadline``; ``watch`` hears of every fetch, empty or not."""
-    while not done():
-        wait_ms = 1000 if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
-        if deadline is not None and wait_ms <= 0:
-            return
-        batches = await consumer.getmany(timeout_ms=min(wait_ms, 1000), max_records=max_records)
-        if watch is not None:
-            await watch.check(got_records=bool(batches))
-        yield batches
+) -> int:
+    """Start ``consumer`` and hand each fetch to ``take(batches, room)`` until ``count`` records are
+    taken or ``timeout_s`` passes; the records taken.
+
+    ``take`` returns how many it took, at most ``room`` (``None``: no limit). Fetches are at most
+    1 s apart and ``watch`` hears of every one, empty or not. A Kafka error is a `ServiceError`
+    naming ``source`` (what was read, from where); the consumer is stopped in any case.
+    """
+    seen = 0
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        await consumer.start()
+        while count is None or seen < count:
+            wait_ms = 1000 if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
+            if deadline is not None and wait_ms <= 0:
+                break
+            batches = await consumer.getmany(timeout_ms=min(wait_ms, 1000), max_records=max_records)
+            if watch is not None:
+                await watch.check(got_records=bool(batches))
+            seen += take(batches, None if count is None else count - seen)
+    except KafkaError as exc:
+        raise ServiceError(f"cannot read {source}: {exc!r}") from exc
+    finally:
+        await consumer.stop()
+    return seen
 
 
 def describe(intent: Intent, text: str | None) -> str:
@@ -289,45 +308,37 @@ async def follow_intents(
     the rest of that batch would come first. Those records lie below the first fetch's high
     watermark and carry older timestamps; on a broker that answers correctly there are none.
     """
-    bootstrap = as_kafka(kafka).bootstrap
     consumer = groupless_consumer(as_kafka(kafka), INTENTS, UTTERANCES, from_beginning=from_beginning)
     texts: OrderedDict[str, str] = OrderedDict()
-    seen = 0
     started_ms = time.time() * 1000
     first_highwater: dict[TopicPartition, int] = {}
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
-    def counted() -> bool:
-        return count is not None and seen >= count
+    def take(batches: Batches, room: int | None) -> int:
+        taken = 0
+        # Utterances first, so that a label fetched together with its utterance shows the text.
+        for partition, records in sorted(batches.items(), key=lambda item: item[0].topic != UTTERANCES):
+            for record in records:
+                if room is not None and taken >= room:
+                    break
+                if partition.topic == UTTERANCES:
+                    _remember_text(texts, record.value)
+                    continue
+                if not from_beginning:
+                    end = first_highwater.setdefault(partition, consumer.highwater(partition) or 0)
+                    if record.offset < end and record.timestamp < started_ms:
+                        continue  # there before tail started (see follow_intents' docstring)
+                try:
+                    intent = Intent.from_json_bytes(record.value)
+                except BadInput:
+                    continue  # not ours to judge: tail shows labels, not errors
+                on_intent(intent, texts.get(intent.id), record.value)
+                taken += 1
+        return taken
 
-    try:
-        await consumer.start()
-        async for batches in fetch_batches(
-            consumer, done=counted, deadline=deadline, max_records=1000, watch=watch
-        ):
-            # Utterances first, so that a label fetched together with its utterance shows the text.
-            for partition, records in sorted(batches.items(), key=lambda item: item[0].topic != UTTERANCES):
-                for record in records:
-                    if count is not None and seen >= count:
-                        break
-                    if partition.topic == UTTERANCES:
-                        _remember_text(texts, record.value)
-                        continue
-                    if not from_beginning:
-                        end = first_highwater.setdefault(partition, consumer.highwater(partition) or 0)
-                        if record.offset < end and record.timestamp < started_ms:
-                            continue  # there before tail started (see follow_intents' docstring)
-                    try:
-                        intent = Intent.from_json_bytes(record.value)
-                    except BadInput:
-                        continue  # not ours to judge: tail shows labels, not errors
-                    on_intent(intent, texts.get(intent.id), record.value)
-                    seen += 1
-    except KafkaError as exc:
-        raise ServiceError(f"cannot read {INTENTS!r} from {bootstrap}: {exc!r}") from exc
-    finally:
-        await consumer.stop()
-    return seen
+    source = f"{INTENTS!r} from {as_kafka(kafka).bootstrap}"
+    return await follow(
+        consumer, take, source=source, count=count, timeout_s=timeout_s, max_records=1000, watch=watch
+    )
 
 
 def _remember_text(texts: OrderedDict[str, str], raw: bytes | None) -> None:

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker.connections import KafkaConnection
-from worker.dev.client import BrokerWatch, fetch_batches, groupless_consumer
+from worker.dev.client import Batches, BrokerWatch, follow, groupless_consumer
 from worker.errors import BadInput, ServiceError
 from worker.schemas import DeadLetter, Utterance
 from worker.topics import DEAD_LETTERS, UTTERANCES
@@ -145,29 +145,22 @@ async def follow_dead_letters(
 ) -> int:
     """Call ``on_letter(stored, raw)`` for each dead letter until ``count`` or ``timeout_s``."""
     consumer = groupless_consumer(kafka, DEAD_LETTERS, from_beginning=from_beginning)
-    seen = 0
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
-    def counted() -> bool:
-        return count is not None and seen >= count
+    def take(batches: Batches, room: int | None) -> int:
+        taken = 0
+        for partition, records in sorted(batches.items()):
+            for record in records:
+                stored = _decode(partition.partition, record.offset, record.value)
+                if stored is None or (room is not None and taken >= room):
+                    continue
+                on_letter(stored, record.value or b"")
+                taken += 1
+        return taken
 
-    try:
-        await consumer.start()
-        async for batches in fetch_batches(
-            consumer, done=counted, deadline=deadline, max_records=500, watch=watch
-        ):
-            for partition, records in sorted(batches.items()):
-                for record in records:
-                    stored = _decode(partition.partition, record.offset, record.value)
-                    if stored is None or (count is not None and seen >= count):
-                        continue
-                    on_letter(stored, record.value or b"")
-                    seen += 1
-    except KafkaError as exc:
-        raise ServiceError(f"cannot read {DEAD_LETTERS!r} from {kafka.describe()}: {exc!r}") from exc
-    finally:
-        await consumer.stop()
-    return seen
+    source = f"{DEAD_LETTERS!r} from {kafka.describe()}"
+    return await follow(
+        consumer, take, source=source, count=count, timeout_s=timeout_s, max_records=500, watch=watch
+    )
 
 
 async def read_all_dead_letters(kafka: KafkaConnection, *, idle_s: float = 10.0) -> list[StoredLetter]:
