@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -147,31 +146,19 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 def _tail(settings: Settings, args: argparse.Namespace) -> int:
     if args.dead_letters:
         return dead_letter_commands.tail_dead_letters(settings, args)
-    from worker.dev.client import BrokerWatch, describe, follow_intents
+    from worker.dev.client import describe, follow_intents
     from worker.dev.run_state import find_kafka_connection
     from worker.schemas import Intent
 
     kafka = find_kafka_connection(settings)
-    bootstrap = kafka.bootstrap
     dead_letter_commands.quiet_kafka_logs(args)
 
     def show(intent: Intent, text: str | None, raw: bytes) -> None:
         print(raw.decode("utf-8") if args.json else describe(intent, text), flush=True)
 
     if not args.quiet:
-        say(f"labels from {bootstrap} (id, label, top score, locale, model, text); Ctrl-C stops")
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a person stops tail
-        asyncio.run(
-            follow_intents(
-                kafka,
-                show,
-                from_beginning=args.from_beginning,
-                count=args.count,
-                timeout_s=args.timeout,
-                watch=BrokerWatch(bootstrap, say),
-            )
-        )
-    return 0
+        say(f"labels from {kafka.bootstrap} (id, label, top score, locale, model, text); Ctrl-C stops")
+    return dead_letter_commands.follow_until_stopped(follow_intents, kafka, show, args)
 
 
 def _duration(text: str) -> float:

@@ -6,9 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from worker.cli.model_commands import say
 from worker.config import Settings
+
+if TYPE_CHECKING:
+    from worker.connections import KafkaConnection
 
 
 def quiet_kafka_logs(args: argparse.Namespace) -> None:
@@ -19,8 +24,31 @@ def quiet_kafka_logs(args: argparse.Namespace) -> None:
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
-def tail_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+def follow_until_stopped(
+    follow: Callable[..., Coroutine[Any, Any, int]],
+    kafka: KafkaConnection,
+    show: Callable[..., None],
+    args: argparse.Namespace,
+) -> int:
+    """Run a ``tail`` reader (``follow_intents``, ``follow_dead_letters``) with the command's
+    options until its ``--count``, its ``--timeout`` or Ctrl-C; the broker's state goes to stderr."""
     from worker.dev.client import BrokerWatch
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a person stops tail
+        asyncio.run(
+            follow(
+                kafka,
+                show,
+                from_beginning=args.from_beginning,
+                count=args.count,
+                timeout_s=args.timeout,
+                watch=BrokerWatch(kafka.bootstrap, say),
+            )
+        )
+    return 0
+
+
+def tail_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     from worker.dev.dead_letters import StoredLetter, describe_letter, follow_dead_letters
     from worker.dev.run_state import find_kafka_connection
 
@@ -35,18 +63,7 @@ def tail_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
             f"dead letters from {kafka.bootstrap} (where, input position, stage, reason, id, size, "
             "original); `intent-worker redrive` sends chosen ones back; Ctrl-C stops"
         )
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a person stops tail
-        asyncio.run(
-            follow_dead_letters(
-                kafka,
-                show,
-                from_beginning=args.from_beginning,
-                count=args.count,
-                timeout_s=args.timeout,
-                watch=BrokerWatch(kafka.bootstrap, say),
-            )
-        )
-    return 0
+    return follow_until_stopped(follow_dead_letters, kafka, show, args)
 
 
 def redrive(settings: Settings, args: argparse.Namespace) -> int:
