@@ -69,21 +69,26 @@ def load_teacher(settings: Settings) -> Teacher:
     return load_embedded_teacher(settings)
 
 
+def _e5_graph(settings: Settings, graph: Path, tokenizer: Path, *, output: str) -> OnnxSequenceModel:
+    """A graph over the e5 encoder (alone or with a head): e5's prefix, the settings' limits."""
+    return OnnxSequenceModel(
+        graph,
+        tokenizer,
+        output=output,
+        threads=settings.teacher_threads,
+        max_length=settings.teacher_max_length,
+        prefix=E5_PREFIX,
+        batch_tokens=settings.teacher_batch_tokens,
+    )
+
+
 def load_embedded_encoder(settings: Settings, e5_path: Path | None = None) -> OnnxSequenceModel:
     """The e5 encoder alone: texts -> L2-normalised sentence embeddings [n, 384]."""
     from worker.teacher.build import ensure_encoder
     from worker.teacher.e5format import default_weights_path
 
     files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(), settings.teacher_max_length)
-    return OnnxSequenceModel(
-        files.encoder,
-        files.tokenizer,
-        output="embedding",
-        threads=settings.teacher_threads,
-        max_length=settings.teacher_max_length,
-        prefix=E5_PREFIX,
-        batch_tokens=settings.teacher_batch_tokens,
-    )
+    return _e5_graph(settings, files.encoder, files.tokenizer, output="embedding")
 
 
 def load_embedded_teacher(settings: Settings, e5_path: Path | None = None) -> OnnxTeacher:
@@ -97,15 +102,7 @@ def load_embedded_teacher(settings: Settings, e5_path: Path | None = None) -> On
     head = load_head(settings.teacher_dir / "head.npz")
     digest = head_digest(head, labels)
     graph = ensure_head_graph(files, head, digest)
-    model = OnnxSequenceModel(
-        graph,
-        files.tokenizer,
-        output="logits",
-        threads=settings.teacher_threads,
-        max_length=settings.teacher_max_length,
-        prefix=E5_PREFIX,
-        batch_tokens=settings.teacher_batch_tokens,
-    )
+    model = _e5_graph(settings, graph, files.tokenizer, output="logits")
     return OnnxTeacher(model, labels, identity=f"e5-small-intent@{files.key[:8]}.{digest[:8]}")
 
 
