@@ -398,7 +398,8 @@ def health(worker: Worker) -> tuple[int, dict[str, Any]]:
     if state.assigned is None or app.rebalancing:
         body["status"] = "starting"
         return 503, body
-    silent = worker.offsets.broker_silent_s() if worker.offsets is not None else None
+    offsets = worker.offsets
+    silent = offsets.broker_silent_s(waiting=bool(state.assigned)) if offsets is not None else None
     if silent is not None and silent > worker.broker_timeout_s:
         body.update(status="broker_unreachable", broker_silent_s=round(silent, 1))
         return 503, body

@@ -96,14 +96,20 @@ class OffsetGuard:
         self._high: dict[TP, int] = {}
         self._done: dict[TP, int] = {}
 
-    def broker_silent_s(self, now_ms: float | None = None) -> float | None:
-        """Seconds since the broker last answered a fetch of this worker (None: not yet known)."""
+    def broker_silent_s(self, now_ms: float | None = None, *, waiting: bool = False) -> float | None:
+        """Seconds since the broker last answered a fetch of this worker (None: not yet known).
+
+        ``waiting``: the worker holds partitions, so it expects answers; if none came yet, the
+        silence counts from the first time it was asked while waiting."""
+        now = time.time() * 1000 if now_ms is None else now_ms
         latest = last_fetch_ms(self.app)
         if latest is not None:
             self.answered_ms = max(latest, self.answered_ms or latest)
+        elif self.answered_ms is None and waiting:
+            self.answered_ms = now
         if self.answered_ms is None:
             return None
-        return max(0.0, ((time.time() * 1000 if now_ms is None else now_ms) - self.answered_ms) / 1000)
+        return max(0.0, (now - self.answered_ms) / 1000)
 
     async def check(self) -> None:
         self.broker_silent_s()  # remember the last answer while the consumer still knows it
