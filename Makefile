@@ -52,7 +52,7 @@ traffic: setup ## Label 6,000 rows per language of ../shared/data/traffic with t
 
 student: corpus traffic ## Reproduce the shipped multilingual student in models/student (INT8 CNN; resumable, ~40 min on 2 cores)
 	$(BIN)/intent-worker train --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 \
-		--epochs 12 --patience 2 --plateau-factor 0.5 --min-delta 0.002 --batch-size 256 --lr 0.0015 \
+		--epochs 5 --patience 2 --plateau-factor 0.5 --min-delta 0.002 --batch-size 256 --lr 0.0015 \
 		--sparse-embeddings --data $(DATASET) $(TRAFFIC) --out models/student
 	rm -f models/student/fp32.onnx
 
