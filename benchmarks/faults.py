@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -111,6 +112,30 @@ def worker_facts(*workers: WorkerProcess) -> dict[str, object]:
     }
 
 
+class Supervisor:
+    """What systemd or Kubernetes does: a worker that exits is started again (its exit codes kept)."""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        self.exits: list[int | None] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            if not self.worker.alive():
+                self.exits.append(self.worker.process.returncode if self.worker.process else None)
+                self.worker.start()
+
+
 @contextmanager
 def paused(pid: int, seconds: float) -> Iterator[None]:
     os.kill(pid, signal.SIGSTOP)
@@ -135,11 +160,14 @@ def _steady(ctx: Context, name: str, fault: Fault) -> dict[str, object]:
         Ledger(kafka.bootstrap) as ledger,
     ):
         worker.wait_healthy()
+        supervisor = Supervisor(worker).start()
         traffic = Traffic(kafka.bootstrap, items, args.rate).start()
         time.sleep(args.fault_after_s)
         details = fault(kafka, redis, traffic, worker)
         sent = traffic.join()
         ledger.settle(len(sent.acked), timeout_s=120)
+        supervisor.stop()
+        details["worker_restarts_by_supervisor"] = supervisor.exits
         lost_epochs = frozenset(int(e) for e in details.pop("lost_epochs", []))  # type: ignore[attr-defined]
         result = {
             **tally(sent.acked, ledger, lost_epochs=lost_epochs),

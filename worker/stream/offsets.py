@@ -138,10 +138,11 @@ class OffsetGuard:
             elif offsets.past_the_end():
                 await self._reset(tp, offsets, seek=True)
             elif went_back:
-                # A log end never goes back: the log was replaced, yet the consumer already stands
-                # inside the new one (faust forgot the old offsets in the rebalance and aiokafka
-                # started from the new log's start). Said and counted; moved only for ``latest``.
-                await self._reset(tp, offsets, seek=self.policy is OffsetResetPolicy.LATEST)
+                # A log end never goes back: the log was replaced, even though the consumer already
+                # stands inside the new one (faust forgot the old offsets in the rebalance). Where it
+                # stands may come from an offset committed with the old log's bookkeeping, so it
+                # moves per the policy too: at worst, records read since are read again.
+                await self._reset(tp, offsets, seek=True)
             else:
                 self._remember(tp, offsets)
         self.offsets = seen
