@@ -29,8 +29,8 @@ class Ledger:
     """Every ``intents`` and ``utterances.dlq`` record seen, by key, across broker restarts.
 
     A consumer without a group follows both topics from the beginning. A memory-only broker
-    that restarts comes back with short logs: a partition whose log now ends below the
-    ledger's position is read again from its beginning (counted in ``restarts_seen``).
+    that restarts comes back with short logs: a partition whose log end went back is read
+    again from its beginning (counted in ``restarts_seen``).
     """
 
     def __init__(self, bootstrap: str) -> None:
@@ -91,6 +91,7 @@ class Ledger:
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         await consumer.start()
+        highest: dict[object, int] = {}
         try:
             while not self._stop.is_set():
                 try:
@@ -104,10 +105,12 @@ class Ledger:
                             self._note(tp.topic, record.key or b"", record.value or b"")
                 for tp in consumer.assignment():
                     end = consumer.highwater(tp)
-                    with contextlib.suppress(KafkaError, AssertionError):
-                        if end is not None and await consumer.position(tp) > end:
-                            self.restarts_seen += 1
-                            consumer.seek(tp, 0)
+                    if end is None:
+                        continue
+                    if end < highest.get(tp, 0):  # a log's end never goes back: a new, empty log
+                        self.restarts_seen += 1
+                        consumer.seek(tp, 0)
+                    highest[tp] = end
         finally:
             await consumer.stop()
 
