@@ -57,6 +57,16 @@ from worker.training.distil import split_bucket
 
 PREFIX = "flywheel"
 GROUP = "flywheel"
+#: Worker settings of the demos: every text is sampled (production samples ~10%) and the buffer
+#: never drops one, so what was replayed is what gets labelled.
+DEMO_SAMPLING = {
+    "INTENT_SAMPLE_RATE": "1.0",
+    "INTENT_SAMPLE_BUDGET_PER_S": "1000000",
+    "INTENT_BUFFER_MAXLEN": "200000",
+    "INTENT_REDIS_TIMEOUT_S": "2.0",
+    "INTENT_BUFFER_MAX_PENDING_WRITES": "64",
+    "INTENT_MODEL_POLL_INTERVAL_S": "1.0",
+}
 HELD_BACK = 0.05  # the trainer's validation bucket: split_bucket(id) below this is never trained on
 RECIPE = (
     "--arch cnn --embedding-dim 256 --kernels 2,3,4 --filters 128 --min-count 2 --epochs 6 --patience 2"
@@ -371,17 +381,9 @@ def main() -> int:
                 "INTENT_RUN_DIR": str(work / "run"),
             }
         )
-        sampling = {
-            "INTENT_SAMPLE_RATE": "1.0",  # the demo keeps every text; production samples ~10%
-            "INTENT_SAMPLE_BUDGET_PER_S": "1000000",
-            "INTENT_BUFFER_MAXLEN": "200000",
-            "INTENT_REDIS_TIMEOUT_S": "2.0",
-            "INTENT_BUFFER_MAX_PENDING_WRITES": "64",
-            "INTENT_MODEL_POLL_INTERVAL_S": "1.0",
-        }
         worker = WorkerProcess(
             kafka=kafka.bootstrap, redis=valkey.url, run_dir=work / "run", group=GROUP, student=gen0,
-            partitions=4, extra={**sampling, "INTENT_REGISTRY_DIR": str(registry), "INTENT_REDIS_KEY_PREFIX": PREFIX},
+            partitions=4, extra={**DEMO_SAMPLING, "INTENT_REGISTRY_DIR": str(registry), "INTENT_REDIS_KEY_PREFIX": PREFIX},
         )  # fmt: skip
         with worker:
             worker.wait_healthy()

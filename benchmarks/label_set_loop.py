@@ -35,6 +35,7 @@ from typing import Any
 
 import redis
 from common import machine, write_result
+from flywheel import DEMO_SAMPLING
 from flywheel_labeller import cli, label_report
 from streams import ROOT, Text, broker, produce, produce_at_rate, read_topic, topic_ends, utterance_bytes
 
@@ -195,17 +196,9 @@ def main() -> int:
         }
         env = worker_env(base)
         zero_shot = worker_env({**base, "INTENT_TEACHER_LABELS": str(args.labels)})
-        sampling = {
-            "INTENT_SAMPLE_RATE": "1.0",
-            "INTENT_SAMPLE_BUDGET_PER_S": "1000000",
-            "INTENT_BUFFER_MAXLEN": "200000",
-            "INTENT_REDIS_TIMEOUT_S": "2.0",
-            "INTENT_BUFFER_MAX_PENDING_WRITES": "64",
-            "INTENT_MODEL_POLL_INTERVAL_S": "1.0",
-        }
         worker = WorkerProcess(
             kafka=kafka.bootstrap, redis=valkey.url, run_dir=work / "run", group=PREFIX, student=gen0,
-            partitions=4, extra={**sampling, "INTENT_REGISTRY_DIR": str(registry), "INTENT_REDIS_KEY_PREFIX": PREFIX},
+            partitions=4, extra={**DEMO_SAMPLING, "INTENT_REGISTRY_DIR": str(registry), "INTENT_REDIS_KEY_PREFIX": PREFIX},
         )  # fmt: skip
         with worker:
             worker.wait_healthy()

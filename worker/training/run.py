@@ -193,7 +193,7 @@ def train_model_dir(
 
 def checkpoint_path(out: Path) -> Path:
     """Where a run writing ``out`` keeps its per-epoch state: the same command resumes from it."""
-    return out.with_name(out.name + ".checkpoint") / "train.pt"
+    return out.with_name(out.name + ".checkpoint.pt")
 
 
 def new_staging(out: Path, tokenizer: Tokenizer, labels: Sequence[str]) -> Path:
