@@ -221,6 +221,8 @@ def test_a_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(tmp
     _distil_tiny_bag([1.0, 0.0, -1.0], replace(config, epochs=2), checkpoint)  # "killed" after epoch 2
     resumed = _distil_tiny_bag([1.0, 0.0, -1.0], config, checkpoint)
     assert [e["epoch"] for e in resumed.history] == [1, 2, 3, 4]
+    elapsed = [e["elapsed_seconds"] for e in resumed.history]
+    assert elapsed == sorted(elapsed)  # the resumed epochs count on from the saved time
     assert [e["valid_loss"] for e in resumed.history] == pytest.approx(
         [e["valid_loss"] for e in whole.history]
     )

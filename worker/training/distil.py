@@ -188,7 +188,7 @@ def train_student(
     fingerprint = _fingerprint(student_config, config, tokenizer, train_rows)
     if checkpoint is not None and checkpoint.exists():
         state = _resume(checkpoint, fingerprint, model, optimiser, rng)
-    progress = _Progress(train_rows, config.epochs)
+    progress = _Progress(train_rows, config.epochs, before=state.seconds)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if state.stale >= config.patience:
             break  # a resumed run that had already stopped early
@@ -240,9 +240,7 @@ def train_student(
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     model.eval()
-    return TrainResult(
-        model, state.history, state.best_epoch, train_rows, len(valid), progress.elapsed() + state.seconds
-    )
+    return TrainResult(model, state.history, state.best_epoch, train_rows, len(valid), progress.elapsed())
 
 
 class _Optimiser:
@@ -342,8 +340,9 @@ def _resume(path: Path, fingerprint: str, model: Any, optimiser: Any, rng: rando
 class _Progress:
     """Rows per second and time left, logged every ``every_s`` seconds and at each epoch's end."""
 
-    def __init__(self, rows_per_epoch: int, epochs: int, every_s: float = 30.0) -> None:
+    def __init__(self, rows_per_epoch: int, epochs: int, every_s: float = 30.0, before: float = 0.0) -> None:
         self.rows_per_epoch, self.epochs, self.every_s = rows_per_epoch, epochs, every_s
+        self.before = before  # training seconds of the epochs before a resume
         self.started = time.perf_counter()
         self.epoch = 0
         self.epoch_started_at = self.last_report = self.started
@@ -351,7 +350,7 @@ class _Progress:
         self.epoch_seconds: list[float] = []
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        return self.before + time.perf_counter() - self.started
 
     def epoch_started(self, epoch: int) -> None:
         self.epoch, self.rows = epoch, 0
