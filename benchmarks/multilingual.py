@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 from common import RESULTS, machine, write_result
 
 from worker.config import Settings
+from worker.data import evaluation
 from worker.data.corpora import (
     language_of,
     load_labelled,
@@ -52,17 +52,15 @@ def held_back_traffic(dataset: Path, valid_fraction: float = 0.05) -> tuple[list
     return texts, locales, np.asarray(logits, np.float32)
 
 
-def agreement_by(groups: list[str], teacher: Any, student: Any) -> dict[str, Any]:
-    same = np.argmax(teacher, axis=1) == np.argmax(student, axis=1)
-    rows: dict[str, list[bool]] = defaultdict(list)
-    for group, ok in zip(groups, same, strict=True):
-        rows[group].append(bool(ok))
+def agreement_by(groups: list[str], labels: tuple[str, ...], teacher: Any, student: Any) -> dict[str, Any]:
+    """Agreement (and KL) with the teacher per group and overall, from the evaluation harness."""
+    report = evaluation.compare(labels, teacher, student, groups=groups)
+    overall = report.pop("overall")
     return {
-        "overall": round(float(same.mean()), 4),
-        "n": len(groups),
-        "per_group": {
-            g: {"agreement": round(float(np.mean(v)), 4), "n": len(v)} for g, v in sorted(rows.items())
-        },
+        "overall": round(overall.agreement, 4),
+        "n": overall.n,
+        "kl": round(overall.kl_mean, 4),
+        "per_group": {g: {"agreement": round(c.agreement, 4), "n": c.n} for g, c in sorted(report.items())},
     }
 
 
@@ -98,7 +96,7 @@ def main() -> None:
         all_same = []
         for name, (texts, groups, teacher_logits) in sets.items():
             logits = chunked_logits(texts, student, 64)
-            scores[name] = agreement_by(groups, teacher_logits, logits)
+            scores[name] = agreement_by(groups, teacher.labels, teacher_logits, logits)
             if name in ("xsid", "massive"):
                 all_same.append(np.argmax(teacher_logits, 1) == np.argmax(logits, 1))
         scores["validation_overall"] = round(float(np.concatenate(all_same).mean()), 4)
