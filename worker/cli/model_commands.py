@@ -30,7 +30,9 @@ def teacher_build(settings: Settings, args: argparse.Namespace) -> int:
     from worker.teacher.build import ensure_encoder
     from worker.teacher.e5format import default_weights_path
 
-    files = ensure_encoder(settings.cache_dir, default_weights_path(), settings.teacher_max_length)
+    files = ensure_encoder(
+        settings.cache_dir, default_weights_path(settings.teacher_weights), settings.teacher_max_length
+    )
     print(f"encoder   {files.directory}")
     if (settings.teacher_dir / "head.npz").exists():
         teacher = load_embedded_teacher(settings)
@@ -123,14 +125,13 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
     from worker.data.corpora import massive_files, require_shared_data
     from worker.loop.dataset import DatasetWriter
     from worker.loop.seeding import label_rows, rows_from_files
-    from worker.teacher import load_teacher
 
     if args.data:
         paths = [Path(p) for p in args.data]
     else:
         shared = require_shared_data(settings.shared_data_dir)
         paths = [*massive_files(shared), shared / "tatoeba" / "tatoeba.jsonl"]
-    teacher = load_teacher(settings)
+    teacher = _labelling_teacher(settings, args.device)
     writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels, label_set=teacher.label_set_id)
     rows = list(
         rows_from_files(
@@ -150,6 +151,19 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
         n = label_rows(teacher, rows, writer, progress=bar.update)
     print(f"{n} rows in {args.out} (dataset version {writer.manifest['dataset_version']})")
     return 0
+
+
+def _labelling_teacher(settings: Settings, device: str) -> Any:
+    """The configured teacher, or on a torch device the embedded teacher's torch twin."""
+    from worker.teacher import load_label_set, load_teacher
+
+    if device == "cpu":
+        return load_teacher(settings)
+    if load_label_set(settings) is not None or (settings.teacher_dir / "model.onnx").exists():
+        raise WorkerError("--device labels with the embedded teacher only; this teacher runs on the CPU")
+    from worker.training.torch_teacher import load_embedded_torch_teacher
+
+    return load_embedded_torch_teacher(settings, device)
 
 
 def _translated_rows(settings: Settings, rows: list[Any], *, per_row: int, out: Path) -> list[Any]:
@@ -195,7 +209,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
     from worker.training.distil import TrainConfig
     from worker.training.run import TrainRequest, train_model_dir
 
-    e5_path = default_weights_path()
+    e5_path = default_weights_path(settings.teacher_weights)
     files = ensure_encoder(settings.cache_dir, e5_path, settings.teacher_max_length)
     teacher_tokenizer = Tokenizer.from_file(str(files.tokenizer))
     parity: list[str] = []
@@ -224,6 +238,8 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         min_delta=args.min_delta,
         plateau_factor=args.plateau_factor,
         sparse_embeddings=args.sparse_embeddings,
+        device=args.device,
+        time_budget_s=args.time_budget,
     )
     request = TrainRequest(
         arch=args.arch,

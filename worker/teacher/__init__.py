@@ -27,6 +27,7 @@ __all__ = [
     "OnnxSequenceModel",
     "OnnxTeacher",
     "Teacher",
+    "embedded_identity",
     "load_embedded_encoder",
     "load_embedded_teacher",
     "load_label_set",
@@ -87,7 +88,11 @@ def load_embedded_encoder(settings: Settings, e5_path: Path | None = None) -> On
     from worker.teacher.build import ensure_encoder
     from worker.teacher.e5format import default_weights_path
 
-    files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(), settings.teacher_max_length)
+    files = ensure_encoder(
+        settings.cache_dir,
+        e5_path or default_weights_path(settings.teacher_weights),
+        settings.teacher_max_length,
+    )
     return _e5_graph(settings, files.encoder, files.tokenizer, output="embedding")
 
 
@@ -97,13 +102,22 @@ def load_embedded_teacher(settings: Settings, e5_path: Path | None = None) -> On
     from worker.teacher.e5format import default_weights_path
     from worker.teacher.head import head_digest, load_head
 
-    files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(), settings.teacher_max_length)
+    files = ensure_encoder(
+        settings.cache_dir,
+        e5_path or default_weights_path(settings.teacher_weights),
+        settings.teacher_max_length,
+    )
     labels = read_labels(settings.teacher_dir / "labels.json")
     head = load_head(settings.teacher_dir / "head.npz")
     digest = head_digest(head, labels)
     graph = ensure_head_graph(files, head, digest)
     model = _e5_graph(settings, graph, files.tokenizer, output="logits")
-    return OnnxTeacher(model, labels, identity=f"e5-small-intent@{files.key[:8]}.{digest[:8]}")
+    return OnnxTeacher(model, labels, identity=embedded_identity(files.key, digest))
+
+
+def embedded_identity(encoder_key: str, head_digest: str) -> str:
+    """The embedded teacher's identity: its encoder cache key and head digest, however it runs."""
+    return f"e5-small-intent@{encoder_key[:8]}.{head_digest[:8]}"
 
 
 def load_zero_shot_teacher(
@@ -116,7 +130,11 @@ def load_zero_shot_teacher(
     from worker.teacher.build import ensure_encoder
     from worker.teacher.e5format import default_weights_path
 
-    files = ensure_encoder(settings.cache_dir, e5_path or default_weights_path(), settings.teacher_max_length)
+    files = ensure_encoder(
+        settings.cache_dir,
+        e5_path or default_weights_path(settings.teacher_weights),
+        settings.teacher_max_length,
+    )
     encoder = OnnxSequenceModel(
         files.encoder,
         files.tokenizer,

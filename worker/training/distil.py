@@ -56,6 +56,11 @@ class TrainConfig:
     #: Sparse gradients for the embedding table (SparseAdam): a step touches only the rows of
     #: the batch's tokens, not the whole table (about 1.3x faster with a large vocabulary).
     sparse_embeddings: bool = False
+    #: The torch device to train on ("cpu", "cuda", "cuda:1"); the result comes back on the CPU.
+    device: str = "cpu"
+    #: Stop after the epoch whose successor would end past this many seconds of training
+    #: (judged by the slowest epoch so far); None: no limit. The best epoch is kept as always.
+    time_budget_s: float | None = None
 
 
 @dataclass
@@ -165,18 +170,19 @@ def train_student(
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     rng = random.Random(config.seed)
-    model = build_student(student_config, embeddings)
+    device = torch.device(config.device)
+    model = build_student(student_config, embeddings).to(device)
     optimiser = _Optimiser(model, config.learning_rate, sparse=config.sparse_embeddings)
     mse = torch.nn.MSELoss()
     ce = torch.nn.CrossEntropyLoss()
 
     def loss_of(batch: list[Example], train: bool) -> tuple[Any, int]:
         ids, mask = encode(tokenizer, [e.text for e in batch], config.max_length)
-        logits = model(ids, mask)
+        logits = model(ids.to(device), mask.to(device))
         if config.objective == "ce":
-            target = torch.tensor([int(e.target) for e in batch], dtype=torch.int64)
+            target = torch.tensor([int(e.target) for e in batch], dtype=torch.int64, device=device)
             return ce(logits, target), len(batch)
-        target = torch.from_numpy(np.stack([np.asarray(e.target, np.float32) for e in batch]))
+        target = torch.from_numpy(np.stack([np.asarray(e.target, np.float32) for e in batch])).to(device)
         # Eq. 5: squared error summed over the classes, averaged over the batch.
         return mse(logits, target) * target.shape[1], len(batch)
 
@@ -237,8 +243,14 @@ def train_student(
         if state.stale >= config.patience:
             log.info("early_stop", epoch=epoch, best_epoch=state.best_epoch)
             break
+        if progress.out_of_time(config.time_budget_s) and epoch < config.epochs:
+            log.info(
+                "time_budget_spent", epoch=epoch, best_epoch=state.best_epoch, budget_s=config.time_budget_s
+            )
+            break
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
+    model = model.cpu()
     model.eval()
     return TrainResult(model, state.history, state.best_epoch, train_rows, len(valid), progress.elapsed())
 
@@ -292,7 +304,8 @@ class _TrainState:
 
 def _fingerprint(student_config: StudentConfig, config: TrainConfig, tokenizer: Tokenizer, rows: int) -> str:
     """What a checkpoint must match to be resumed: the model, the schedule, the vocabulary, the data."""
-    schedule = {k: v for k, v in asdict(config).items() if k not in ("threads", "epochs", "patience")}
+    ignored = ("threads", "epochs", "patience", "device", "time_budget_s")
+    schedule = {k: v for k, v in asdict(config).items() if k not in ignored}
     digest = hashlib.sha256(
         json.dumps([student_config.to_json(), schedule, rows], sort_keys=True, default=str).encode()
     )
@@ -322,7 +335,7 @@ def _save(
 
 
 def _resume(path: Path, fingerprint: str, model: Any, optimiser: Any, rng: random.Random) -> _TrainState:
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=False, map_location="cpu")
     if saved["fingerprint"] != fingerprint:
         raise ValueError(
             f"checkpoint {path} belongs to another run (other data, vocabulary or settings); "
@@ -372,6 +385,12 @@ class _Progress:
             rows_per_s=round(rate),
             epoch_left_s=round((self.rows_per_epoch - self.rows) / max(rate, 1e-9)),
         )
+
+    def out_of_time(self, budget_s: float | None) -> bool:
+        """Whether one more epoch, as slow as the slowest so far, would end past ``budget_s``."""
+        if budget_s is None or not self.epoch_seconds:
+            return False
+        return self.elapsed() + max(self.epoch_seconds) > budget_s
 
     def epoch_done(self) -> dict[str, float]:
         seconds = time.perf_counter() - self.epoch_started_at

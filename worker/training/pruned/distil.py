@@ -52,6 +52,7 @@ class PrunedDistilConfig:
     max_length: int = 64
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"  # the torch device to train on; the weights come back on the CPU
 
 
 class _Layer(nn.Module):
@@ -189,7 +190,8 @@ def distil_pruned(
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     rng = random.Random(config.seed)
-    model = PrunedTransformer(encoder, head)
+    device = torch.device(config.device)
+    model = PrunedTransformer(encoder, head).to(device)
     head_params = list(model.head.parameters())
     encoder_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     optimiser = torch.optim.AdamW(
@@ -226,12 +228,12 @@ def distil_pruned(
 
     def loss_of(rows: Sequence[tuple[str, Array]], index: list[int], emb: Array | None) -> tuple[Any, Any]:
         ids, mask = encode(tokenizer, [rows[i][0] for i in index], config.max_length)
-        logits, embedding = model(ids, mask)
-        target = torch.from_numpy(np.stack([rows[i][1] for i in index]).astype(np.float32))
+        logits, embedding = model(ids.to(device), mask.to(device))
+        target = torch.from_numpy(np.stack([rows[i][1] for i in index]).astype(np.float32)).to(device)
         logit_loss = F.mse_loss(logits, target) * target.shape[1]
         total = logit_loss
         if emb is not None:
-            teacher = torch.from_numpy(emb[index])
+            teacher = torch.from_numpy(emb[index]).to(device)
             total = total + ((embedding - teacher) ** 2).sum(dim=1).mean()
             total = total + (1.0 - F.cosine_similarity(embedding, teacher, dim=1)).mean()
         return total, logit_loss

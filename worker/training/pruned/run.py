@@ -189,6 +189,7 @@ def train_pruned_model_dir(
             max_length=config.max_length,
             seed=config.seed,
             threads=threads,
+            device=config.device,
         )
         train = [(e.text, np.asarray(e.target, np.float32)) for e in train_rows()]
         valid = [
