@@ -12,11 +12,12 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 from worker_harness import WorkerProcess, consume, produce, utterance
 
 from worker.dev.services import EmbeddedService, start_kafka
@@ -150,7 +151,12 @@ def test_offsets_past_the_end_of_a_restarted_brokers_log_are_reset_and_counted(
             time.sleep(0.5)
         assert {int(str(e["partition"])) for e in resets} == set(range(PARTITIONS)), diagnosis(worker)
         for event in resets:
-            assert event["policy"] == "earliest" and int(str(event["log_end"])) < int(str(event["offset"]))
+            # Seen by the topic's new id (maybe before the consumer fetched from the new log: the end
+            # it shows is still the old one), or by an end below where the worker stood.
+            assert event["policy"] == "earliest", resets
+            assert event["reason"] == "topic_replaced" or int(str(event["log_end"])) < int(
+                str(event["offset"])
+            ), resets
         deadline = time.monotonic() + 20  # re-read from the new log's start and committed: no lag left
         while True:
             metrics = worker.metrics()
@@ -252,3 +258,99 @@ def test_a_fresh_worker_resets_committed_offsets_past_the_end_and_labels_what_wa
         assert {(e["offset"], e["reset_to"]) for e in resets} == {(6_000, 0)}
         assert worker.terminate() == 0
     assert sum(offset or 0 for offset in committed(broker.bootstrap, "fresh").values()) == len(waiting)
+
+
+GroupCommits = dict[str, dict[TopicPartition, OffsetAndMetadata]]
+
+
+def group_commits(bootstrap: str, groups: Sequence[str]) -> GroupCommits:
+    """The commits (offset and metadata) of ``groups`` on ``utterances``; groups without any left out."""
+
+    async def read() -> GroupCommits:
+        found: GroupCommits = {}
+        partitions = [TopicPartition(UTTERANCES, p) for p in range(PARTITIONS)]
+        for group in groups:
+            consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+            await consumer.start()
+            try:  # committed() drops the metadata; the coordinator's fetch keeps it
+                commits = await consumer._coordinator.fetch_committed_offsets(partitions)
+            finally:
+                await consumer.stop()
+            if commits:
+                found[group] = dict(commits)
+        return found
+
+    return asyncio.run(read())
+
+
+def commit_as(bootstrap: str, commits: GroupCommits) -> None:
+    """Write ``commits`` (each group's offsets and metadata) without joining the groups."""
+
+    async def write() -> None:
+        for group, offsets in commits.items():
+            consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+            await consumer.start()
+            try:
+                consumer.assign(list(offsets))
+                await consumer.commit(offsets)
+            finally:
+                await consumer.stop()
+
+    asyncio.run(write())
+
+
+def test_a_commit_of_a_replaced_log_inside_the_new_log_is_reset_logged_and_counted(
+    redis_service: EmbeddedService, tmp_path: Path, student: Path
+) -> None:
+    """Issue 14: a worker of a broker that restarted empty commits the old log's offsets into the
+    new log on its way out. Once the new log has grown past them nothing is past its end, yet they
+    are not this log's: a worker that trusted them skipped the new log's first records, silently."""
+    first = new_broker(tmp_path / "tansu-1")
+    port = first.port
+    old = [utterance(f"old-{i}", f"set an alarm for {i % 12 + 1} am") for i in range(100)]
+    produce(first.bootstrap, UTTERANCES, old)
+    with worker_on(first, redis_service, tmp_path / "run-1", "replaced", student) as worker:
+        consume(first.bootstrap, [INTENTS], lambda rs: len(rs) >= len(old), timeout_s=60)
+        assert worker.terminate() == 0
+    # All that worker committed, as it wrote it: ~50 per partition in its group, and the stamps it
+    # keeps in a group of their own for brokers that drop commit metadata (README, Operations).
+    stale = group_commits(first.bootstrap, ["replaced", "replaced.topic-ids"])
+    assert sum(c.offset for c in stale["replaced"].values()) == len(old), stale
+    first.stop()
+    second = new_broker(tmp_path / "tansu-2", port=port)
+    try:
+        new = [utterance(f"new-{i}", f"turn on the lights number {i}") for i in range(4 * len(old))]
+        produce(second.bootstrap, UTTERANCES, new)  # 200 per partition: past the old offsets
+        commit_as(second.bootstrap, stale)  # what the old worker would commit, had it seen no change
+        with worker_on(second, redis_service, tmp_path / "run-2", "replaced", student) as worker:
+            keys = {k for k, _ in new}
+            found = consume(second.bootstrap, [INTENTS], lambda rs: keys <= {r.key for r in rs}, 60)
+            skipped = keys - {r.key for r in found}
+            assert not skipped, f"{len(skipped)} of {len(new)} records skipped\n{diagnosis(worker)}"
+            deadline = time.monotonic() + 10
+            while True:
+                resets = [e for e in worker.log_events() if e.get("event") == "offset_reset"]
+                if len(resets) >= PARTITIONS or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert {int(str(e["partition"])) for e in resets} == set(range(PARTITIONS)), diagnosis(worker)
+            assert {e["reason"] for e in resets} == {"foreign_log"}, resets
+            assert {(e["partition"], e["offset"], e["reset_to"]) for e in resets} == {
+                (tp.partition, commit.offset, 0) for tp, commit in stale["replaced"].items()
+            }, resets
+            counted = {
+                k: v for k, v in worker.metrics().items() if k.startswith("intent_worker_offset_resets_total")
+            }
+            assert sum(v for k, v in counted.items() if 'reason="foreign_log"' in k) == PARTITIONS, counted
+            assert worker.terminate() == 0
+        # What it left committed belongs to the new log: the next worker resumes there, resets nothing.
+        assert sum(offset or 0 for offset in committed(second.bootstrap, "replaced").values()) == len(new)
+        with worker_on(second, redis_service, tmp_path / "run-3", "replaced", student) as worker:
+            worker.wait_healthy()
+            time.sleep(3)  # the guard looks once a second
+            assert [e for e in worker.log_events() if e.get("event") == "offset_reset"] == [], (
+                worker.log_tail()
+            )
+            assert worker.terminate() == 0
+    finally:
+        second.stop()

@@ -22,6 +22,13 @@ dependency pins in ``pyproject.toml`` stop before the next minor version of both
   faust's ``Consumer._read_offset`` (records below it are dropped as seen) and
   ``_committed_offset`` (acks below it ignored, commits only above it), ``_acked``,
   ``_acked_index``, ``_gap`` and ``_unacked_messages``; ``Message.acked``.
+- **The identity of a log, stamped on every commit** (:func:`fence_commits`, :func:`topic_ids`,
+  :func:`group_commits`, :func:`commit_offsets`): faust's ``AIOKafkaConsumerThread._commit``
+  (commits each partition with empty metadata; replaced here by one that stamps it) and its
+  ``tp_last_committed_at`` and ``crash``; the aiokafka client under the consumer
+  (``AIOKafkaConsumer._client``, its ``send``, ``coordinator_lookup`` and ``get_random_node``)
+  and its protocol classes (``Request``, ``RequestStruct``, ``Response``, ``Schema`` and
+  types), with which the Metadata v10 request that answers topic ids is built here.
 - **Broker liveness** (:func:`last_fetch_ms`): the aiokafka consumer under faust's consumer
   thread (``Consumer._thread._consumer``) and its ``last_poll_timestamp``.
 - **Default web views** (:func:`serve_only_our_views`): ``Web.blueprints._enabled``, the
@@ -37,13 +44,31 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from time import monotonic
+from typing import Any, NamedTuple, Protocol, cast
 
 import faust
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import IllegalStateError
+from aiokafka import errors as kafka_errors
+from aiokafka.client import CoordinationType
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.commit import OffsetCommitRequest, OffsetFetchRequest
+from aiokafka.protocol.types import (
+    Boolean,
+    CompactArray,
+    CompactString,
+    Int16,
+    Int32,
+    Int64,
+    Schema,
+    TaggedFields,
+)
+from aiokafka.structs import OffsetAndMetadata
 from faust.exceptions import ConsumerNotStarted
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT
@@ -87,11 +112,89 @@ def raw_producer(app: faust.App) -> AIOKafkaProducer:
     return cast("AIOKafkaProducer", app.producer._ensure_producer())  # type: ignore[attr-defined]
 
 
-# -- the consumer's fetch wait -----------------------------------------------------------------
+# -- the consumer: its fetch wait, its commits ---------------------------------------------------
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     logger = _LOGGER
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        """faust's commit, stamped (see :func:`fence_commits`); faust's own where no fence is set."""
+        fence = getattr(self.transport, "commit_fence", None)
+        if fence is None:
+            return await super()._commit(offsets)
+        try:
+            return await self.commit_fenced(fence, offsets)
+        except CommitFailedError as exc:
+            if "already rebalanced" in str(exc):
+                return False
+            await self._commit_crashed(exc)
+            return False
+        except Exception as exc:  # as faust's own commit does: any other failure stops the worker
+            await self._commit_crashed(exc)
+            return False
+
+    async def _commit_crashed(self, exc: BaseException) -> None:
+        self.log.exception("Committing raised exception: %r (assignment %r)", exc, self.assignment())
+        await self.crash(exc)
+
+    async def commit_fenced(self, fence: CommitFence, offsets: Mapping[TP, int]) -> bool:
+        """Commit those of ``offsets`` whose log the fence vouches for, each with its stamp.
+
+        Runs in the consumer's thread. What the fence holds back is not committed (read again after
+        a restart: duplicates, never losses); faust counts it as committed all the same, so the
+        guard commits it once the fence lets it through (``fence.committed`` says what went
+        through). Raises what the group's own commit raises.
+        """
+        consumer = self._ensure_consumer()
+        assigned = self.assignment()
+        wanted = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        if not wanted:
+            return False
+        try:
+            ids = await _topic_ids(consumer._client, {tp.topic for tp in wanted})
+        except KafkaError as exc:  # the broker is away: nothing is committed, and faust tries again
+            log.debug(
+                "commit_withheld",
+                partitions=sorted(map(str, wanted)),
+                reason="topic_ids_unknown",
+                error=repr(exc),
+            )
+            return False
+        unjudged = [tp for tp in fence.unjudged(wanted) if tp.topic in ids]
+        if unjudged:  # the first commit since the partition came: judge what the broker holds first
+            try:
+                commits = await _group_commits(consumer._client, fence.group, unjudged)
+                stamped = await _group_commits(consumer._client, fence.stamp_group, unjudged)
+            except KafkaError as exc:
+                log.debug("commit_withheld", partitions=sorted(map(str, unjudged)), error=repr(exc))
+            else:
+                for tp in unjudged:
+                    fence.judge(tp, commits.get(tp), stamped.get(tp), ids[tp.topic])
+        stamps = fence.stamps(wanted, ids)
+        withheld = sorted(str(tp) for tp in wanted if tp not in stamps)
+        if withheld:
+            log.debug("commit_withheld", partitions=withheld, reason="log_not_vouched_for")
+        if not stamps:
+            return False
+        numbered = {
+            tp: GroupCommit(stamp.number, "") for tp, stamp in stamps.items() if stamp.number is not None
+        }
+        if numbered:
+            try:
+                await _commit_group(consumer._client, fence.stamp_group, numbered)
+            except KafkaError as exc:  # the commit's metadata carries the stamp on brokers that keep it
+                log.warning("commit_stamp_failed", group=fence.stamp_group, error=repr(exc))
+        now = monotonic()
+        self.tp_last_committed_at.update(dict.fromkeys(stamps, now))
+        await consumer.commit(
+            {
+                faust_aiokafka.ensure_aiokafka_TP(tp): OffsetAndMetadata(wanted[tp], stamp.metadata)
+                for tp, stamp in stamps.items()
+            }
+        )
+        fence.committed({tp: wanted[tp] for tp in stamps})
+        return True
 
     def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> Any:
         consumer = super()._create_worker_consumer(transport)
@@ -121,6 +224,8 @@ class KafkaTransport(faust_aiokafka.Transport):
     """
 
     Consumer = _Consumer
+    #: Set by :func:`fence_commits`: what the consumer's commits are stamped and fenced with.
+    commit_fence: CommitFence | None = None
 
     def __init__(
         self,
@@ -211,6 +316,251 @@ async def reset_partition(app: faust.App, tp: TP, offset: int) -> None:
     consumer._committed_offset[tp] = None  # type: ignore[attr-defined]
     await consumer.seek(tp, offset)
     consumer._read_offset[tp] = None  # type: ignore[attr-defined]
+
+
+# -- Issue 14: the identity of a log (its topic id), stamped on every commit ---------------------
+
+#: The topic id of a topic the broker keeps no id for (Kafka before 2.8): nothing to stamp with.
+NO_TOPIC_ID = uuid.UUID(int=0)
+
+
+class Stamp(NamedTuple):
+    """What a commit of one partition carries to name its log."""
+
+    metadata: str  # the commit's metadata string, kept by Kafka (Tansu 0.6 answers it empty)
+    number: int | None  # committed as the partition's offset in the stamp group; None: nothing there
+
+
+class GroupCommit(NamedTuple):
+    """One partition's commit in a group, as the broker answers it."""
+
+    offset: int
+    metadata: str
+
+
+class CommitFence(Protocol):
+    """Which offsets may be committed, and how each is stamped (``worker.stream.offsets``)."""
+
+    #: The consumer group, and the group in which each commit's stamp is also committed (for
+    #: brokers that drop commit metadata).
+    group: str
+    stamp_group: str
+
+    def unjudged(self, tps: Iterable[TP]) -> list[TP]:
+        """Those of ``tps`` whose commit at the broker has not been judged yet."""
+        ...
+
+    def judge(
+        self, tp: TP, commit: GroupCommit | None, stamp: GroupCommit | None, topic_id: uuid.UUID
+    ) -> object:
+        """Judge the group's commit and stamp of ``tp`` (None: none) against the topic's id now."""
+        ...
+
+    def stamps(self, offsets: Mapping[TP, int], topic_ids: Mapping[str, uuid.UUID]) -> Mapping[TP, Stamp]:
+        """The partitions of ``offsets`` that may be committed now, each with its stamp."""
+        ...
+
+    def committed(self, offsets: Mapping[TP, int]) -> None:
+        """The group's commit of ``offsets`` succeeded."""
+        ...
+
+
+# aiokafka's protocol classes are untyped (Any) to mypy.
+class _MetadataResponse_v10(Response):  # type: ignore[misc]
+    API_KEY = 3
+    API_VERSION = 10
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "brokers",
+            CompactArray(
+                ("node_id", Int32),
+                ("host", CompactString("utf-8")),
+                ("port", Int32),
+                ("rack", CompactString("utf-8")),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("cluster_id", CompactString("utf-8")),
+        ("controller_id", Int32),
+        (
+            "topics",
+            CompactArray(
+                ("error_code", Int16),
+                ("name", CompactString("utf-8")),
+                ("topic_id_high", Int64),  # a UUID is 16 bytes on the wire: two signed 64-bit halves
+                ("topic_id_low", Int64),
+                ("is_internal", Boolean),
+                (
+                    "partitions",
+                    CompactArray(
+                        ("error_code", Int16),
+                        ("partition_index", Int32),
+                        ("leader_id", Int32),
+                        ("leader_epoch", Int32),
+                        ("replica_nodes", CompactArray(Int32)),
+                        ("isr_nodes", CompactArray(Int32)),
+                        ("offline_replicas", CompactArray(Int32)),
+                        ("tags", TaggedFields),
+                    ),
+                ),
+                ("topic_authorized_operations", Int32),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("cluster_authorized_operations", Int32),
+        ("tags", TaggedFields),
+    )
+
+
+class _MetadataRequest_v10(RequestStruct):  # type: ignore[misc]
+    FLEXIBLE_VERSION = True
+    API_KEY = 3
+    API_VERSION = 10  # the first Metadata version that answers topic ids (KIP-516)
+    RESPONSE_TYPE = _MetadataResponse_v10
+    SCHEMA = Schema(
+        (
+            "topics",
+            CompactArray(
+                ("topic_id_high", Int64),
+                ("topic_id_low", Int64),
+                ("name", CompactString("utf-8")),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("allow_auto_topic_creation", Boolean),
+        ("include_cluster_authorized_operations", Boolean),
+        ("include_topic_authorized_operations", Boolean),
+        ("tags", TaggedFields),
+    )
+
+
+class _TopicIdsRequest(Request[_MetadataRequest_v10]):  # type: ignore[misc]
+    API_KEY = 3
+
+    def __init__(self, topics: Iterable[str]) -> None:
+        self.topics = sorted(topics)
+
+    def build(self, request_struct_class: type[_MetadataRequest_v10]) -> _MetadataRequest_v10:
+        return request_struct_class([(0, 0, topic, {}) for topic in self.topics], False, False, False, {})
+
+
+def _uuid(high: int, low: int) -> uuid.UUID:
+    mask = (1 << 64) - 1
+    return uuid.UUID(int=((high & mask) << 64) | (low & mask))
+
+
+async def _topic_ids(client: Any, topics: Iterable[str]) -> dict[str, uuid.UUID]:
+    """The topic id of each of ``topics`` the broker knows (:data:`NO_TOPIC_ID` for all of them on a
+    broker that answers no Metadata v10); a topic it does not know (yet) is left out."""
+    wanted = sorted(set(topics))
+    if not wanted:
+        return {}
+    node = client.get_random_node()
+    if node is None:  # no broker known (yet): as if none answered
+        raise kafka_errors.NodeNotReadyError("no broker to ask for topic ids")
+    try:
+        response = await client.send(node, _TopicIdsRequest(wanted))
+    except (kafka_errors.IncompatibleBrokerVersion, NotImplementedError):
+        return dict.fromkeys(wanted, NO_TOPIC_ID)
+    return {
+        name: _uuid(high, low)
+        for error_code, name, high, low, *_ in response.topics
+        if error_code == 0 and name in wanted
+    }
+
+
+async def _coordinator(client: Any, group: str) -> int:
+    return cast(int, await client.coordinator_lookup(CoordinationType.GROUP, group))
+
+
+async def _group_commits(client: Any, group: str, tps: Iterable[TP]) -> dict[TP, GroupCommit]:
+    """``group``'s commits of ``tps`` (offset and metadata); partitions it never committed left out."""
+    by_topic: dict[str, list[int]] = defaultdict(list)
+    for tp in tps:
+        by_topic[tp.topic].append(tp.partition)
+    if not by_topic:
+        return {}
+    request = OffsetFetchRequest(group, sorted(by_topic.items()))
+    response = await client.send(await _coordinator(client, group), request)
+    top_error = getattr(response, "error_code", 0)
+    if top_error:
+        raise kafka_errors.for_code(top_error)()
+    found: dict[TP, GroupCommit] = {}
+    for topic, partitions in response.topics:
+        for partition, offset, metadata, error_code in partitions:
+            if error_code == kafka_errors.UnknownTopicOrPartitionError.errno:
+                continue
+            if error_code:
+                raise kafka_errors.for_code(error_code)()
+            if offset >= 0:  # -1: nothing committed
+                found[TP(topic, partition)] = GroupCommit(offset, metadata or "")
+    return found
+
+
+async def _commit_group(client: Any, group: str, offsets: Mapping[TP, GroupCommit]) -> None:
+    """Commit ``offsets`` in ``group`` as a member of none (a group nobody joins)."""
+    by_topic: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    for tp, commit in offsets.items():
+        by_topic[tp.topic].append((tp.partition, commit.offset, commit.metadata))
+    request = OffsetCommitRequest(
+        group,
+        OffsetCommitRequest.DEFAULT_GENERATION_ID,
+        "",
+        OffsetCommitRequest.DEFAULT_RETENTION_TIME,
+        sorted(by_topic.items()),
+    )
+    response = await client.send(await _coordinator(client, group), request)
+    for _topic, partitions in response.topics:
+        for _partition, error_code in partitions:
+            if error_code:
+                raise kafka_errors.for_code(error_code)()
+
+
+def _consumer_thread(app: faust.App) -> _ConsumerThread:
+    thread = getattr(app.consumer, "_thread", None)
+    if not isinstance(thread, _ConsumerThread):
+        raise AdapterError("the app's consumer is not the adapter's: call use_fetch_wait first")
+    return thread
+
+
+def fence_commits(app: faust.App, fence: CommitFence) -> None:
+    """Stamp and fence every commit of ``app``'s consumer with ``fence``: a partition is committed
+    only while the fence vouches that faust's offsets of it belong to the log the broker holds
+    now, with the log's stamp in the commit's metadata and in the fence's stamp group."""
+    transport = app.transport
+    if not isinstance(transport, KafkaTransport):
+        raise AdapterError("commits can be fenced only on the adapter's transport: call use_fetch_wait first")
+    transport.commit_fence = fence
+
+
+async def topic_ids(app: faust.App, topics: Iterable[str]) -> dict[str, uuid.UUID]:
+    """The broker's topic id of each of ``topics`` it knows (see :func:`_topic_ids`)."""
+    thread = _consumer_thread(app)
+    client = thread._ensure_consumer()._client
+    return cast(dict[str, uuid.UUID], await thread.call_thread(_topic_ids, client, list(topics)))
+
+
+async def group_commits(app: faust.App, group: str, tps: Iterable[TP]) -> dict[TP, GroupCommit]:
+    """``group``'s commits of ``tps``, with their metadata (aiokafka's ``committed`` drops it)."""
+    thread = _consumer_thread(app)
+    client = thread._ensure_consumer()._client
+    return cast(dict[TP, GroupCommit], await thread.call_thread(_group_commits, client, group, list(tps)))
+
+
+def consumer_group(app: faust.App) -> str:
+    """The group the app's consumer commits in (faust's app id)."""
+    return str(app.conf.id)
+
+
+async def commit_offsets(app: faust.App, offsets: Mapping[TP, int]) -> bool:
+    """Commit ``offsets`` now, stamped and fenced like faust's own commits; False: none was
+    committed (the fence held them back). Raises ``KafkaError`` where the commit failed."""
+    thread = _consumer_thread(app)
+    fence = cast(KafkaTransport, app.transport).commit_fence
+    if fence is None:
+        raise AdapterError("commit_offsets needs a fence: call fence_commits first")
+    return cast(bool, await thread.call_thread(thread.commit_fenced, fence, dict(offsets)))
 
 
 def serve_only_our_views(app: faust.App) -> None:

@@ -140,9 +140,10 @@ class WorkerMetrics:
         )
         self.offset_resets = Counter(
             f"{PREFIX}_offset_resets",
-            "Partitions whose committed offset was past their log's end (a broker restarted empty, a topic "
-            "re-created) and were reset per INTENT_OFFSET_RESET_POLICY.",
-            ["topic", "partition", "policy"],
+            "Partitions whose offset did not belong to their log (past its end, committed for another log, "
+            "the topic created again: a broker restarted empty, a topic re-created) and were reset per "
+            "INTENT_OFFSET_RESET_POLICY; reason as in the offset_reset log event.",
+            ["topic", "partition", "policy", "reason"],
             registry=r,
         )
         self.offset_reset_unread = Counter(
