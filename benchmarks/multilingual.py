@@ -64,13 +64,11 @@ def agreement_by(groups: list[str], labels: tuple[str, ...], teacher: Any, stude
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("students", nargs="+", type=Path, help="model directories to score")
-    parser.add_argument("--traffic", type=Path, default=Path(".cache/datasets/traffic"))
-    parser.add_argument("--out", default="multilingual")
-    args = parser.parse_args()
-    settings = Settings()
+Sets = dict[str, tuple[list[str], list[str], Any]]
+
+
+def evaluation_sets(settings: Settings, traffic: Path) -> tuple[Any, Sets]:
+    """The teacher and every scored set: (texts, language groups, the teacher's logits) by name."""
     shared = require_shared_data(settings.shared_data_dir)
     mapping = shared_mapping(shared)
     teacher = load_teacher(settings)
@@ -81,14 +79,24 @@ def main() -> None:
     gold = np.concatenate([massive.gold(teacher.labels), xsid.gold(teacher.labels)])
     golden = golden_from_labelled(texts, locales, gold, teacher, settings.cache_dir)
     n = len(massive)
-    sets: dict[str, tuple[list[str], list[str], Any]] = {
+    sets: Sets = {
         "massive": (massive.texts, massive.locales, golden.teacher_logits[:n]),
         "xsid": (xsid.texts, xsid.locales, golden.teacher_logits[n:]),
     }
-    sets["traffic_held_back"] = held_back_traffic(args.traffic)
+    sets["traffic_held_back"] = held_back_traffic(traffic)
     smoke = list(read_jsonl(SMOKE))
     smoke_texts = [str(r["text"]) for r in smoke]
     sets["smoke"] = (smoke_texts, [str(r["locale"]) for r in smoke], teacher.logits(smoke_texts))
+    return teacher, sets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("students", nargs="+", type=Path, help="model directories to score")
+    parser.add_argument("--traffic", type=Path, default=Path(".cache/datasets/traffic"))
+    parser.add_argument("--out", default="multilingual")
+    args = parser.parse_args()
+    teacher, sets = evaluation_sets(Settings(), args.traffic)
     result: dict[str, Any] = {"machine": machine(), "teacher": teacher.identity, "models": {}}
     for directory in args.students:
         student = Student(directory, threads=1)

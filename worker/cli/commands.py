@@ -370,6 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=model_commands.train)
 
+    cascade = commands.add_parser(
+        "cascade",
+        help="join two students into one model directory: the first answers when sure, the rest go to the second",
+    )
+    cascade.add_argument("first", help="the fast student's model directory")
+    cascade.add_argument("second", help="the model directory uncertain utterances escalate to")
+    cascade.add_argument(
+        "--escalate-below",
+        type=float,
+        required=True,
+        metavar="MARGIN",
+        help="escalate when the first student's top-2 probability margin is below this (0: never; "
+        "benchmarks/cascade.py measures agreement and mean cost per threshold)",
+    )
+    cascade.add_argument("--out", required=True, help="model directory to write")
+    cascade.set_defaults(handler=model_commands.cascade)
+
     run = commands.add_parser(
         "run",
         help="run the streaming worker (embedded Kafka and Redis unless INTENT_KAFKA_BOOTSTRAP/REDIS_URL)",

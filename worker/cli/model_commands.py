@@ -270,6 +270,60 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cascade(settings: Settings, args: argparse.Namespace) -> int:
+    """Write a cascade model directory: FIRST's files, SECOND's under ``second/``, one card."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from worker.models.registry import copy_model_files
+    from worker.models.student import Student
+
+    first, second, out = Path(args.first), Path(args.second), Path(args.out)
+    if not 0.0 <= args.escalate_below <= 1.01:
+        raise WorkerError("--escalate-below is a probability margin: 0 to 1 (1.01: escalate everything)")
+    students = [Student(first), Student(second)]
+    if students[0].labels != students[1].labels:
+        raise WorkerError(f"the students' labels differ: {students[0].labels} and {students[1].labels}")
+    if any(s.card.get("cascade") for s in students):
+        raise WorkerError("a cascade's students must be plain students, not cascades")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    copy_model_files(first, staging)
+    (staging / "second").mkdir()
+    copy_model_files(second, staging / "second")
+    digest = hashlib.sha256()
+    for path in (staging / "model.onnx", staging / "second" / "model.onnx"):
+        digest.update(path.read_bytes())
+    digest.update(repr(args.escalate_below).encode())
+    card = dict(students[0].card)
+    sizes = {
+        name: sum(p.stat().st_size for p in (staging / sub).glob("*") if p.is_file())
+        for name, sub in (("first", "."), ("second", "second"))
+    }
+    card.update(
+        version=f"cascade-{digest.hexdigest()[:10]}",
+        cascade={
+            "second": "second",
+            "escalate_below_margin": args.escalate_below,
+            "first_version": students[0].version,
+            "second_version": students[1].version,
+            "bytes": sizes,
+            "command": command_line(),
+        },
+    )
+    (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    joined = Student(staging)  # refuses what the worker would refuse
+    if out.exists():
+        shutil.rmtree(out)
+    staging.chmod(0o755)
+    staging.replace(out)
+    say(
+        f"{joined.version}: {students[0].version} answers at margin >= {args.escalate_below}, else {students[1].version}"
+    )
+    return 0
+
+
 def say_quantisation(card: dict[str, Any]) -> None:
     """One console line on what ``model.onnx`` is: the INT8 export, or the FP32 fallback and why."""
     int8 = card.get("int8") or {}

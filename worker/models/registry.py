@@ -41,6 +41,18 @@ HISTORY = 20  # previous versions kept in the pointer (rollback depth)
 REQUIRED_FILES = ("model.onnx", "tokenizer.json", "labels.json", "card.json")
 
 
+def copy_model_files(model_dir: Path, target: Path) -> None:
+    """A model directory's files into ``target`` (existing), a cascade's second student included."""
+    for name in REQUIRED_FILES:
+        shutil.copy2(model_dir / name, target / name)
+    card = json.loads((model_dir / "card.json").read_text())
+    cascade = card.get("cascade") if isinstance(card, dict) else None
+    if isinstance(cascade, dict) and isinstance(cascade.get("second"), str):
+        second = target / cascade["second"]
+        second.mkdir()
+        copy_model_files(model_dir / cascade["second"], second)
+
+
 @dataclass(frozen=True)
 class Release:
     """One promoted version."""
@@ -145,8 +157,7 @@ class Registry:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{version}."))
-            for name in REQUIRED_FILES:
-                shutil.copy2(model_dir / name, staging / name)
+            copy_model_files(model_dir, staging)
             if gate_report is not None:
                 (staging / "gate.json").write_text(json.dumps(gate_report, indent=2) + "\n")
             staging.chmod(0o755)

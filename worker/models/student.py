@@ -4,6 +4,12 @@ A model directory holds ``model.onnx`` (``input_ids``, ``attention_mask`` int64
 ``[batch, sequence]`` -> ``logits`` float ``[batch, C]``), ``tokenizer.json``,
 ``labels.json`` and ``card.json`` (read by :class:`~worker.models.card.StudentCard`).
 A directory missing any of them is refused.
+
+A **cascade** is a model directory whose card has a ``cascade`` entry
+(``{"second": "second", "escalate_below_margin": 0.15}``, written by ``intent-worker cascade``):
+the directory's own model answers when its top-2 probability margin is at least the threshold,
+and the other utterances are scored by the student in the ``second`` subdirectory. Callers see
+one student; `Student.escalated` counts the utterances sent on.
 """
 
 from __future__ import annotations
@@ -58,8 +64,16 @@ class Student(StudentCard):
         self._max_chars = 64 * max_length
         pad = self._tokenizer.token_to_id("<pad>")
         self._pad_id = 0 if pad is None else int(pad)
+        self._second: Student | None = None
+        self._escalate_below = 0.0
+        self.scored = self.escalated = 0  # utterances scored, and those a cascade sent on
+        cascade = self.card.get("cascade")
+        if cascade is not None:
+            self._second, self._escalate_below = _second_student(directory, cascade, threads, max_length)
+            if self._second.labels != self.labels:
+                raise ModelError(f"{directory}: the cascade's second student has other labels")
         try:
-            width = self.logits(["probe"]).shape[1]
+            width = self._logits_one("probe").shape[1]
         except Exception as exc:  # onnxruntime raises bare errors for a graph that does not run
             raise ModelError(f"student {directory} does not run: {exc}") from exc
         if width != len(self.labels):
@@ -69,9 +83,19 @@ class Student(StudentCard):
         Student.loads += 1
 
     def logits(self, texts: Sequence[str]) -> Logits:
-        """Raw logits for ``texts``, padded to the longest text of the batch."""
-        if len(texts) == 1:
-            return self._logits_one(texts[0])
+        """Raw logits for ``texts`` (a cascade's second student's for the uncertain ones)."""
+        values = self._logits_one(texts[0]) if len(texts) == 1 else self._own_logits(texts)
+        self.scored += len(texts)
+        if self._second is None or not len(values):
+            return values
+        uncertain = np.flatnonzero(_margins(values) < self._escalate_below)
+        if uncertain.size:
+            values[uncertain] = self._second.logits([texts[int(i)] for i in uncertain])
+            self.escalated += int(uncertain.size)
+        return values
+
+    def _own_logits(self, texts: Sequence[str]) -> Logits:
+        """This directory's model's logits for ``texts``, padded to the longest text of the batch."""
         encodings = self._tokenizer.encode_batch([clean_text(t, self._max_chars) for t in texts])
         if not encodings:
             return np.zeros((0, len(getattr(self, "labels", ()))), np.float32)
@@ -90,6 +114,30 @@ class Student(StudentCard):
         mask = np.full(input_ids.shape, 1 if ids else 0, dtype=np.int64)
         (values,) = self._session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})
         return np.asarray(values, dtype=np.float32)
+
+
+def _second_student(directory: Path, cascade: object, threads: int, max_length: int) -> tuple[Student, float]:
+    """The second student and the margin below which utterances escalate to it."""
+    if not isinstance(cascade, dict) or not isinstance(cascade.get("second"), str):
+        raise ModelError(f"{directory}/card.json: cascade must name its second student's directory")
+    below = cascade.get("escalate_below_margin")
+    if not isinstance(below, int | float) or not 0.0 <= below <= 1.01:
+        raise ModelError(f"{directory}/card.json: cascade.escalate_below_margin must be in [0, 1.01]")
+    second = directory / cascade["second"]
+    if second.resolve().parent != directory.resolve():
+        raise ModelError(f"{directory}/card.json: the cascade's second student must be a subdirectory")
+    return Student(second, threads=threads, max_length=max_length), float(below)
+
+
+def _margins(logits: Logits) -> npt.NDArray[np.float32]:
+    """Top-1 minus top-2 softmax probability per row."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    if probs.shape[1] < 2:
+        return np.ones(len(probs), np.float32)
+    top = np.sort(probs, axis=1)
+    margins: npt.NDArray[np.float32] = (top[:, -1] - top[:, -2]).astype(np.float32)
+    return margins
 
 
 def predictions(labels: Sequence[str], logits: Logits) -> list[Prediction]:

@@ -1,0 +1,134 @@
+"""A cascade model directory: the first student answers when sure, the second scores the rest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from worker.cli import main
+from worker.config import MODELS_DIR
+from worker.errors import ModelError
+from worker.models.registry import Registry
+from worker.models.student import Student, _margins
+
+TEXTS = ["set an alarm for seven", "what did I buy last week", "hello there", "明天早上七点叫我起床", "ok"]
+CONSTANT = [0.0, 10.0, 0.0]  # the second student: always the second label, very sure
+
+
+def constant_student(directory: Path, values: list[float]) -> Path:
+    """A model directory whose graph answers ``values`` for every text (the shipped tokenizer)."""
+    directory.mkdir()
+    for name in ("tokenizer.json", "labels.json"):
+        shutil.copy(MODELS_DIR / "student" / name, directory / name)
+    zero = helper.make_node("ReduceSum", ["ids_f", "axis"], ["rowsum"], keepdims=1)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
+            zero,
+            helper.make_node("Mul", ["rowsum", "nothing"], ["zeros"]),
+            helper.make_node("Add", ["zeros", "values"], ["logits"]),
+        ],
+        "constant",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(values)])],
+        [
+            helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("nothing", TensorProto.FLOAT, [], [0.0]),
+            helper.make_tensor("values", TensorProto.FLOAT, [1, len(values)], values),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(directory / "model.onnx"))
+    card = json.loads((MODELS_DIR / "student" / "card.json").read_text())
+    (directory / "card.json").write_text(json.dumps({**card, "version": "constant-1"}))
+    return directory
+
+
+def build(tmp_path: Path, below: float, name: str = "cascade") -> Path:
+    second = tmp_path / "second-src"
+    if not second.exists():
+        constant_student(second, CONSTANT)
+    out = tmp_path / name
+    code = main(
+        [
+            "cascade",
+            str(MODELS_DIR / "student"),
+            str(second),
+            "--escalate-below",
+            str(below),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("below", [0.0, 0.5, 1.01])
+def test_uncertain_utterances_and_only_those_escalate(tmp_path: Path, below: float) -> None:
+    first = Student(MODELS_DIR / "student")
+    own = first.logits(TEXTS)
+    cascade = Student(build(tmp_path, below))
+    got = cascade.logits(TEXTS)
+    up = _margins(own) < below
+    np.testing.assert_allclose(got[~up], own[~up], atol=1e-6)
+    np.testing.assert_allclose(got[up], np.tile(CONSTANT, (int(up.sum()), 1)), atol=1e-6)
+    assert cascade.escalated == int(up.sum()) and cascade.scored == len(TEXTS)
+    one = cascade.logits([TEXTS[0]])  # the single-utterance path escalates the same way
+    np.testing.assert_allclose(one[0], got[0], atol=1e-5)
+
+
+def test_card_names_both_students_and_the_threshold(tmp_path: Path) -> None:
+    card = json.loads((build(tmp_path, 0.3) / "card.json").read_text())
+    assert card["version"].startswith("cascade-")
+    assert card["cascade"]["second"] == "second"
+    assert card["cascade"]["escalate_below_margin"] == 0.3
+    assert card["cascade"]["first_version"] == Student(MODELS_DIR / "student").version
+    assert card["cascade"]["second_version"] == "constant-1"
+
+
+def test_the_registry_keeps_the_second_student(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    release = registry.add(build(tmp_path, 1.01))
+    served = Student(registry.directory(release))
+    np.testing.assert_allclose(served.logits(TEXTS), np.tile(CONSTANT, (len(TEXTS), 1)), atol=1e-6)
+
+
+def test_broken_cascades_are_refused(tmp_path: Path) -> None:
+    directory = build(tmp_path, 0.2)
+    card = json.loads((directory / "card.json").read_text())
+    for bad in (
+        {"second": "missing", "escalate_below_margin": 0.2},
+        {"second": "second", "escalate_below_margin": 2.0},
+        {"second": "../second-src", "escalate_below_margin": 0.2},
+        "second",
+    ):
+        (directory / "card.json").write_text(json.dumps({**card, "cascade": bad}))
+        with pytest.raises(ModelError):
+            Student(directory)
+
+
+def test_cascade_command_refuses_a_bad_margin(tmp_path: Path) -> None:
+    second = constant_student(tmp_path / "second-src", CONSTANT)
+    code = main(
+        [
+            "cascade",
+            str(MODELS_DIR / "student"),
+            str(second),
+            "--escalate-below",
+            "3",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
+    assert code == 2 and not (tmp_path / "x").exists()
