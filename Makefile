@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 SHARED_DATA ?= ../shared/data
 DATASET ?= .cache/datasets/dev
 TRAFFIC ?= .cache/datasets/traffic
+TRAFFIC_ALL ?= .cache/datasets/traffic-all
+ML ?= build/students-ml
+# Torch device for labelling and training: cpu, or cuda (labels all the traffic in a minute).
+DEVICE ?= cpu
 STUDENTS ?= build/students
 
 .DEFAULT_GOAL := help
@@ -45,10 +49,13 @@ teacher-eval: setup ## Evaluate the teacher on the MASSIVE and xSID validation s
 	$(BIN)/intent-worker teacher eval --split validation --data $(SHARED_DATA)/massive/*.jsonl $(SHARED_DATA)/xsid/*.jsonl
 
 corpus: setup ## Label MASSIVE train + Tatoeba with the teacher into $(DATASET)
-	$(BIN)/intent-worker corpus build --out $(DATASET)
+	$(BIN)/intent-worker corpus build --device $(DEVICE) --out $(DATASET)
 
 traffic: setup ## Label 6,000 rows per language of ../shared/data/traffic with the teacher into $(TRAFFIC) (resumable)
-	$(BIN)/intent-worker corpus build --data $(SHARED_DATA)/traffic/*.jsonl --per-file 6000 --out $(TRAFFIC)
+	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --per-file 6000 --out $(TRAFFIC)
+
+traffic-all: setup ## Label all 315,745 traffic rows into $(TRAFFIC_ALL) (resumable; hours on 2 cores, a minute with DEVICE=cuda)
+	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --out $(TRAFFIC_ALL)
 
 student: corpus traffic ## Reproduce the shipped multilingual student in models/student (INT8 CNN; resumable, ~40 min on 2 cores)
 	$(BIN)/intent-worker train --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 \
@@ -56,8 +63,19 @@ student: corpus traffic ## Reproduce the shipped multilingual student in models/
 		--sparse-embeddings --data $(DATASET) $(TRAFFIC) --out models/student
 	rm -f models/student/fp32.onnx
 
-bench-multilingual: setup ## Per-language agreement (xSID, MASSIVE, held-back traffic, smoke fixture) of models/student: benchmarks/results/multilingual.*
-	$(BIN)/python benchmarks/multilingual.py --traffic $(TRAFFIC) models/student
+cascade: corpus traffic-all ## The all-traffic students and their cascade into $(ML): cnn, pruned-0-11, cascade (DEVICE=cuda: ~10 min; hours on 2 cores)
+	$(BIN)/intent-worker train --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 192 --min-count 3 \
+		--epochs 6 --patience 3 --plateau-factor 0.5 --min-delta 0.002 --batch-size 256 --lr 0.0015 \
+		--sparse-embeddings --device $(DEVICE) --threads $$(nproc) --data $(DATASET) $(TRAFFIC_ALL) --out $(ML)/cnn
+	$(BIN)/intent-worker train --arch pruned --layers 0,11 --mode distil --epochs 1 --batch-size 128 --lr 1e-4 \
+		--device $(DEVICE) --threads $$(nproc) --data $(DATASET) $(TRAFFIC_ALL) --out $(ML)/pruned-0-11
+	$(BIN)/intent-worker cascade $(ML)/cnn $(ML)/pruned-0-11 --escalate-below 0.1 --out $(ML)/cascade
+
+bench-multilingual: setup ## Per-language agreement (xSID, MASSIVE, held-back traffic of all rows, smoke fixture) of models/student: benchmarks/results/multilingual.*
+	$(BIN)/python benchmarks/multilingual.py --traffic $(TRAFFIC_ALL) models/student
+
+bench-cascade: setup ## Cascade of $(ML)/cnn and $(ML)/pruned-0-11: agreement, escalation and mean cost per threshold and language: benchmarks/results/cascade.*
+	$(BIN)/python benchmarks/cascade.py --traffic $(TRAFFIC_ALL) $(ML)/cnn $(ML)/pruned-0-11
 
 students: corpus ## Train every student of the comparison into $(STUDENTS)
 	bash benchmarks/train_students.sh $(DATASET) $(STUDENTS)
@@ -87,4 +105,4 @@ label-set-demo: corpus ## A new label set through the loop on real services: zer
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus traffic student bench-multilingual students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus traffic traffic-all student cascade bench-multilingual bench-cascade students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean
