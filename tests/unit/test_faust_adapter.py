@@ -1,4 +1,4 @@
-"""Contract tests: one per faust/aiokafka internal that ``worker/stream/faust_adapter.py`` uses.
+"""Contract tests: one per faust/aiokafka internal that ``worker/stream/faust_adapter/`` uses.
 
 Each asserts the behaviour the worker relies on, against the installed libraries, without a
 broker (the started producer is checked against a real one in

@@ -204,7 +204,7 @@ class StandInClient:
         return 0
 
     async def send(self, node: int, request: Any) -> Any:
-        if isinstance(request, faust_adapter._TopicIdsRequest):
+        if isinstance(request, faust_adapter.wire._TopicIdsRequest):
             struct = request.prepare({3: (0, 12)})  # what a broker with topic ids negotiates
             assert struct.API_VERSION == 10
             topics = []
@@ -215,8 +215,10 @@ class StandInClient:
                 high, low = value >> 64, value & (2**64 - 1)
                 signed = [h - 2**64 if h >= 2**63 else h for h in (high, low)]
                 topics.append((code, name, *signed, False, [], -2147483648, {}))
-            payload = faust_adapter._MetadataResponse_v10(0, [], "c", 0, topics, -2147483648, {}).encode()
-            return faust_adapter._MetadataResponse_v10.decode(payload)  # the wire format round trip
+            payload = faust_adapter.wire._MetadataResponse_v10(
+                0, [], "c", 0, topics, -2147483648, {}
+            ).encode()
+            return faust_adapter.wire._MetadataResponse_v10.decode(payload)  # the wire format round trip
         if isinstance(request, OffsetFetchRequest):
             group, asked = request._consumer_group, request._partitions
             topics = []
@@ -312,7 +314,7 @@ def test_a_broker_that_does_not_know_the_topic_yet_gets_no_commit() -> None:
 def test_a_broker_without_metadata_v10_gets_unstamped_commits_as_before() -> None:
     class OldBroker(StandInClient):
         async def send(self, node: int, request: Any) -> Any:
-            if isinstance(request, faust_adapter._TopicIdsRequest):
+            if isinstance(request, faust_adapter.wire._TopicIdsRequest):
                 return request.prepare({3: (0, 9)})  # raises: no version with topic ids
             return await super().send(node, request)
 
