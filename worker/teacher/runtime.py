@@ -187,7 +187,35 @@ class OnnxSequenceModel:
         return 1 if pad is None else int(pad)
 
 
-class OnnxTeacher:
+class FixedLabelsTeacher:
+    """The `Teacher` properties of a teacher over a fixed label list, and `iter_logits` in chunks;
+    subclasses set ``_labels`` and ``_identity`` and define `logits`."""
+
+    _labels: tuple[str, ...]
+    _identity: str
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._labels
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @property
+    def label_set_id(self) -> str:
+        return label_names_id(self._labels)
+
+    def logits(self, texts: Sequence[str]) -> Logits:
+        raise NotImplementedError
+
+    def iter_logits(self, texts: Iterable[str], chunk_size: int = 1024) -> Iterator[Logits]:
+        iterator = iter(texts)
+        while chunk := list(islice(iterator, chunk_size)):
+            yield self.logits(chunk)
+
+
+class OnnxTeacher(FixedLabelsTeacher):
     """A teacher from any ONNX sequence classifier plus its ``tokenizer.json`` and labels."""
 
     def __init__(self, model: OnnxSequenceModel, labels: Sequence[str], identity: str) -> None:
@@ -225,22 +253,5 @@ class OnnxTeacher:
             raise ModelError(f"{directory}: model outputs {width} logits but labels.json has {len(labels)}")
         return teacher
 
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self._labels
-
-    @property
-    def identity(self) -> str:
-        return self._identity
-
-    @property
-    def label_set_id(self) -> str:
-        return label_names_id(self._labels)
-
     def logits(self, texts: Sequence[str]) -> Logits:
         return self._model.run(texts)
-
-    def iter_logits(self, texts: Iterable[str], chunk_size: int = 1024) -> Iterator[Logits]:
-        iterator = iter(texts)
-        while chunk := list(islice(iterator, chunk_size)):
-            yield self._model.run(chunk)

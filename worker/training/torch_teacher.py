@@ -13,19 +13,18 @@ within 1e-3).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from worker.config import Settings
-from worker.models.onnx import clean_text, label_names_id, pad_batch, read_labels
+from worker.models.onnx import clean_text, pad_batch, read_labels
 from worker.teacher.e5format import E5File
 from worker.teacher.head import forward as head_forward
 from worker.teacher.onnx_graph import HeadWeights
-from worker.teacher.runtime import CHARS_PER_TOKEN, Logits, run_in_batches
+from worker.teacher.runtime import CHARS_PER_TOKEN, FixedLabelsTeacher, Logits, run_in_batches
 from worker.training import require_torch
 from worker.training.pruned.distil import PrunedTransformer
 from worker.training.pruned.encoder import PrunedEncoder
@@ -45,7 +44,7 @@ def full_encoder(e5: E5File) -> PrunedEncoder:
     return PrunedEncoder(tuple(range(e5.config.layers)), e5.config, e5.vocab, tensors)
 
 
-class TorchTeacher:
+class TorchTeacher(FixedLabelsTeacher):
     """A `worker.teacher.Teacher`: e5 encoder on a torch device, classification head in numpy."""
 
     def __init__(
@@ -77,18 +76,6 @@ class TorchTeacher:
         self._max_chars = CHARS_PER_TOKEN * max_length
         self._batch_tokens = batch_tokens
 
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self._labels
-
-    @property
-    def identity(self) -> str:
-        return self._identity
-
-    @property
-    def label_set_id(self) -> str:
-        return label_names_id(self._labels)
-
     def embeddings(self, texts: Sequence[str]) -> Logits:
         """L2-normalised sentence embeddings [n, hidden], in input order."""
         cleaned = [self._prefix + clean_text(t, self._max_chars) for t in texts]
@@ -110,11 +97,6 @@ class TorchTeacher:
 
     def logits(self, texts: Sequence[str]) -> Logits:
         return head_forward(self._head, self.embeddings(texts))
-
-    def iter_logits(self, texts: Iterable[str], chunk_size: int = 1024) -> Iterator[Logits]:
-        iterator = iter(texts)
-        while chunk := list(islice(iterator, chunk_size)):
-            yield self.logits(chunk)
 
 
 def load_embedded_torch_teacher(settings: Settings, device: str, e5_path: Path | None = None) -> TorchTeacher:
