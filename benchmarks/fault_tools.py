@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from streams import Text, utterance_bytes
 
@@ -211,14 +211,52 @@ class Traffic:
                 await producer.stop()
 
 
+def log_keys(bootstrap: str, topic: str = UTTERANCES, timeout_s: float = 60.0) -> set[bytes]:
+    """The keys of every record ``topic``'s logs hold now, read from their beginnings to their ends."""
+
+    async def read() -> set[bytes]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=200
+        )
+        await consumer.start()
+        keys: set[bytes] = set()
+        try:
+            await consumer.topics()  # the cluster's metadata, so the topic's partitions are known
+            partitions = [
+                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+            ]
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends = await consumer.end_offsets(partitions)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                positions = [await consumer.position(tp) for tp in partitions]
+                if all(at >= ends[tp] for at, tp in zip(positions, partitions, strict=True)):
+                    break
+                for records in (await consumer.getmany(timeout_ms=500, max_records=5000)).values():
+                    keys.update(record.key or b"" for record in records)
+        finally:
+            await consumer.stop()
+        return keys
+
+    return asyncio.run(read())
+
+
 def tally(
-    sent: Mapping[bytes, int], ledger: Ledger, *, lost_epochs: frozenset[int] = frozenset()
+    sent: Mapping[bytes, int],
+    ledger: Ledger,
+    *,
+    lost_epochs: frozenset[int] = frozenset(),
+    in_log: set[bytes] | None = None,
 ) -> dict[str, int]:
     """Produced (acknowledged), labelled (unique keys), duplicates, dead-lettered and lost.
 
     Keys acknowledged in one of ``lost_epochs`` (by a memory-only broker that was then killed)
     and seen nowhere are counted apart, as ``lost_with_broker``: the broker lost them, not the
-    worker, and nothing could have read them.
+    worker, and nothing could have read them. With ``in_log`` (the keys the broker's
+    ``utterances`` logs hold at the end), a key acknowledged in another epoch, seen nowhere and
+    absent from the log is ``dropped_by_broker``: acknowledged, yet never in a log the worker
+    could read. ``lost`` is then only what the worker could have read and did not label.
     """
     intents, letters = ledger.snapshot()
     cut = list(ledger.cut_keys)
@@ -229,7 +267,7 @@ def tally(
     labelled = [key for key in sent if intents.get(key)]
     dead = [key for key in sent if dead_lettered(key)]
     missing = [key for key in sent if not intents.get(key) and not dead_lettered(key)]
-    return {
+    counts = {
         "produced": len(sent),
         "labelled": len(labelled),
         "duplicates": sum(intents[key] - 1 for key in labelled),
@@ -237,6 +275,11 @@ def tally(
         "lost": sum(sent[key] not in lost_epochs for key in missing),
         "lost_with_broker": sum(sent[key] in lost_epochs for key in missing),
     }
+    if in_log is not None:
+        dropped = sum(sent[key] not in lost_epochs and key not in in_log for key in missing)
+        counts["dropped_by_broker"] = dropped
+        counts["lost"] -= dropped
+    return counts
 
 
 def json_line(record: Mapping[str, object]) -> bytes:

@@ -15,7 +15,8 @@ Scenarios (``--only`` picks some; the others are then kept from the existing fil
   fresh (empty) store: the lost-topic case. The topics are created again at once, as an init
   job would; the worker must notice its offsets are past the new logs' ends, reset, and label
   what the new logs hold. Sends the old broker acknowledged and then lost with its memory are
-  ``lost_with_broker``, not the worker's.
+  ``lost_with_broker``, not the worker's; sends the new broker acknowledged that its logs do not
+  hold at the end (read whole) are ``dropped_by_broker``, not the worker's either.
 - ``worker_killed``: two workers in one group; one SIGKILLed mid-run.
 - ``redis_frozen``: valkey SIGSTOPped for 10 s under traffic.
 - ``labeller_killed``: ``label`` SIGKILLed mid-run, then a second labeller finishes; counted in
@@ -45,7 +46,7 @@ from pathlib import Path
 
 from common import RESULTS, machine
 from fault_labeller import labeller_killed
-from fault_tools import Ledger, Traffic, json_line, tally
+from fault_tools import Ledger, Traffic, json_line, log_keys, tally
 from streams import WORKER_TOPICS, cycled, shared_texts
 from worker_scenarios import bad_inputs
 
@@ -169,8 +170,9 @@ def _steady(ctx: Context, name: str, fault: Fault) -> dict[str, object]:
         supervisor.stop()
         details["worker_restarts_by_supervisor"] = supervisor.exits
         lost_epochs = frozenset(int(e) for e in details.pop("lost_epochs", []))  # type: ignore[attr-defined]
+        in_log = log_keys(kafka.bootstrap) if lost_epochs else None
         result = {
-            **tally(sent.acked, ledger, lost_epochs=lost_epochs),
+            **tally(sent.acked, ledger, lost_epochs=lost_epochs, in_log=in_log),
             "send_failures": sent.failed,
             "ledger_saw_restarts": ledger.restarts_seen,
             **worker_facts(worker),

@@ -204,6 +204,7 @@ EXPECTED_REASON = {
     "empty_text": "text_empty",
     "huge_text": "text_too_long",
     "null_id": "id_null",
+    "control_id": "id_control_character",
 }
 VALID_KINDS = ("valid", "extra_fields")
 HUGE_COUNT = 3  # 1 MB each
@@ -248,6 +249,9 @@ def bad_inputs(rows: list[tuple[str, str]], n: int) -> list[tuple[str, bytes, by
             value = json.dumps({"id": uid, "text": rng.choice(["", " ", "\n\t "])}).encode()
         elif kind == "huge_text":
             value = json.dumps({"id": uid, "text": "a" * 1_000_000}).encode()
+        elif kind == "control_id":  # NUL or a line break in the id: it would break tail's lines
+            bad_id = uid + rng.choice(["\x00nul", "\nline", "\r", "\tx"])
+            value = json.dumps({"id": bad_id, "text": text}, ensure_ascii=False).encode()
         else:  # null_id
             value = json.dumps({"id": None, "text": text}, ensure_ascii=False).encode()
         out.append((kind, uid.encode(), value))

@@ -78,6 +78,17 @@ def diagnosis(worker: WorkerProcess) -> str:
     return f"{shown}\n{worker.log_tail()}"
 
 
+def offset_resets(worker: WorkerProcess, timeout_s: float = 10.0) -> list[dict[str, object]]:
+    """The worker's ``offset_reset`` log events, once one per partition has come or ``timeout_s``
+    has passed (the guard looks once a second, and after a rebalance)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        resets = [e for e in worker.log_events() if e.get("event") == "offset_reset"]
+        if len(resets) >= PARTITIONS or time.monotonic() > deadline:
+            return resets
+        time.sleep(0.5)
+
+
 def test_poison_pills_become_bounded_dead_letters_and_their_offsets_are_committed(
     broker: EmbeddedService, redis_service: EmbeddedService, tmp_path: Path, student: Path
 ) -> None:
@@ -143,12 +154,7 @@ def test_offsets_past_the_end_of_a_restarted_brokers_log_are_reset_and_counted(
             second.bootstrap, [INTENTS], lambda rs: {k for k, _ in after} <= {r.key for r in rs}, 90
         )
         assert {k for k, _ in after} <= {r.key for r in found}, (worker.health(), diagnosis(worker))
-        deadline = time.monotonic() + 10  # the guard looks once a second, and after a rebalance
-        while True:
-            resets = [e for e in worker.log_events() if e.get("event") == "offset_reset"]
-            if len(resets) >= PARTITIONS or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        resets = offset_resets(worker)
         assert {int(str(e["partition"])) for e in resets} == set(range(PARTITIONS)), diagnosis(worker)
         for event in resets:
             # Seen by the topic's new id (maybe before the consumer fetched from the new log: the end
@@ -327,12 +333,7 @@ def test_a_commit_of_a_replaced_log_inside_the_new_log_is_reset_logged_and_count
             found = consume(second.bootstrap, [INTENTS], lambda rs: keys <= {r.key for r in rs}, 60)
             skipped = keys - {r.key for r in found}
             assert not skipped, f"{len(skipped)} of {len(new)} records skipped\n{diagnosis(worker)}"
-            deadline = time.monotonic() + 10
-            while True:
-                resets = [e for e in worker.log_events() if e.get("event") == "offset_reset"]
-                if len(resets) >= PARTITIONS or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
+            resets = offset_resets(worker)
             assert {int(str(e["partition"])) for e in resets} == set(range(PARTITIONS)), diagnosis(worker)
             assert {e["reason"] for e in resets} == {"foreign_log"}, resets
             assert {(e["partition"], e["offset"], e["reset_to"]) for e in resets} == {

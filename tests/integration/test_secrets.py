@@ -1,5 +1,6 @@
 """Secrets stay secret: a Redis password and a SASL password are set, and no log line, no
-``/health`` or ``/metrics`` answer and no file the worker or the labeller writes holds either.
+``/health`` or ``/metrics`` answer and no file the worker, the labeller or a model card writer
+writes holds either.
 The embedded valkey of ``intent-worker run`` gets a generated password in a 0600 file, which
 the clients read.
 """
@@ -91,6 +92,15 @@ def test_no_secret_in_logs_health_metrics_or_files(tmp_path: Path, student: Path
         assert redis.url.encode() in output  # it says where it reads, redacted
         assert leaks(output) == []
         authed.close()
+        # A model card (here a cascade's, written with the secrets in the environment).
+        carded = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "cascade", str(student), str(student),
+             "--escalate-below", "0.1", "--out", str(tmp_path / "card-check")],
+            env=env, cwd=REPO_ROOT, capture_output=True, timeout=120,
+        )  # fmt: skip
+        assert carded.returncode == 0, carded.stderr.decode(errors="replace")[-2000:]
+        assert leaks(carded.stdout + carded.stderr) == []
+        assert (tmp_path / "card-check" / "card.json").is_file()
     assert files_holding_secrets(tmp_path) == []
 
 
