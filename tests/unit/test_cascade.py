@@ -132,3 +132,24 @@ def test_cascade_command_refuses_a_bad_margin(tmp_path: Path) -> None:
         ]
     )
     assert code == 2 and not (tmp_path / "x").exists()
+
+
+def test_escalations_are_counted_in_the_inference_process_and_on_metrics(tmp_path: Path) -> None:
+    from worker.models.student_process import StudentProcess
+    from worker.stream.metrics import ModelLoadCollector
+
+    def exposed() -> float:
+        family = next(m for m in ModelLoadCollector().collect() if m.name == "intent_worker_escalations")
+        return float(family.samples[0].value)
+
+    before_here, before_children, before_metric = Student.escalations, StudentProcess.escalations, exposed()
+    process = StudentProcess(build(tmp_path, 1.01), threads=1, rows=2)  # every utterance escalates
+    try:
+        predictions, _ = process.classify(TEXTS)
+        assert {p.label for p in predictions} == {Student(MODELS_DIR / "student").labels[1]}
+        process.classify(TEXTS[:2])
+    finally:
+        process.close()
+    assert StudentProcess.escalations - before_children == len(TEXTS) + 2
+    assert Student.escalations == before_here  # counted in the child, reported to the parent
+    assert exposed() - before_metric == len(TEXTS) + 2

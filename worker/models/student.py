@@ -47,6 +47,9 @@ class Student(StudentCard):
 
     #: Students this process has loaded (an ONNX session each): ``intent_worker_model_loads_total``.
     loads: ClassVar[int] = 0
+    #: Utterances the cascades of this process sent on to their second student:
+    #: ``intent_worker_escalations_total``.
+    escalations: ClassVar[int] = 0
 
     def __init__(
         self, directory: Path, *, threads: int = 1, max_length: int = 128, model_file: str = "model.onnx"
@@ -92,6 +95,7 @@ class Student(StudentCard):
         if uncertain.size:
             values[uncertain] = self._second.logits([texts[int(i)] for i in uncertain])
             self.escalated += int(uncertain.size)
+            Student.escalations += int(uncertain.size)
         return values
 
     def _own_logits(self, texts: Sequence[str]) -> Logits:

@@ -13,7 +13,7 @@ never a ``fork`` of the threaded worker, nor ``multiprocessing``'s spawn, which 
 parent's main module) on one end of a socket pair. It loads the model directory, answers
 ``("ready", version, labels)``, then for each list of texts sends their logits, computed in
 length-sorted chunks of ``rows`` exactly as :func:`worker.models.student.chunked_logits` does
-in-process. The parent builds the predictions.
+in-process, with how many of them a cascade escalated. The parent builds the predictions.
 
 Lifetime: the child runs in a session of its own and ignores SIGINT and SIGTERM (a terminal's
 Ctrl-C or an orchestrator's stop of the whole process group must not take the model away
@@ -54,6 +54,8 @@ class StudentProcess:
 
     #: Children this process has started that loaded their student (one ONNX session each).
     loads: ClassVar[int] = 0
+    #: Utterances the children's cascades sent on to their second student.
+    escalations: ClassVar[int] = 0
 
     def __init__(self, directory: Path, *, threads: int, rows: int) -> None:
         ours, theirs = socket.socketpair()
@@ -106,6 +108,7 @@ class StudentProcess:
         if reply[0] != "ok":
             raise ModelError(f"inference failed in process {self.pid}: {reply[1]}")
         values: Logits = reply[1]
+        StudentProcess.escalations += int(reply[3])
         return values, float(reply[2])
 
     def classify(self, texts: Sequence[str]) -> tuple[list[Prediction], float]:
@@ -152,6 +155,7 @@ def serve(conn: Connection, directory: str, threads: int, rows: int) -> None:
         conn.send(("error", str(exc)))
         return
     conn.send(("ready", student.version, student.labels))
+    reported = 0  # escalations already sent to the parent
     while True:
         try:
             texts = conn.recv()
@@ -165,7 +169,9 @@ def serve(conn: Connection, directory: str, threads: int, rows: int) -> None:
         except Exception as exc:
             conn.send(("error", repr(exc)))
             continue
-        conn.send(("ok", values, (time.perf_counter() - started) * 1000))
+        escalated = Student.escalations
+        conn.send(("ok", values, (time.perf_counter() - started) * 1000, escalated - reported))
+        reported = escalated
 
 
 def main(argv: Sequence[str]) -> None:

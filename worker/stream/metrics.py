@@ -80,7 +80,8 @@ class WorkerCollector(Collector):
 
 
 class ModelLoadCollector(Collector):
-    """``intent_worker_model_loads_total``: students loaded, by the process holding the session.
+    """``intent_worker_model_loads_total``: students loaded, by the process holding the session;
+    ``intent_worker_escalations_total``: utterances a cascade sent on to its second student.
 
     Read from the classes that load them, so a load anywhere in this process counts: ``worker``
     (this process, :class:`~worker.models.student.Student`) or ``inference`` (a child,
@@ -97,6 +98,12 @@ class ModelLoadCollector(Collector):
         loads.add_metric(["worker"], Student.loads)
         loads.add_metric(["inference"], StudentProcess.loads)
         yield loads
+        escalations = CounterMetricFamily(
+            f"{PREFIX}_escalations",
+            "Utterances a cascade student sent on to its second student (0 unless a cascade is served).",
+        )
+        escalations.add_metric([], Student.escalations + StudentProcess.escalations)
+        yield escalations
 
 
 class WorkerMetrics:
