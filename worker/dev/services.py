@@ -224,13 +224,20 @@ def _start(
 # -- Kafka -----------------------------------------------------------------------------------------
 
 
-def start_kafka(run_dir: Path, *, port: int | None = None, timeout_s: float = 15.0) -> EmbeddedService:
-    """Start the Tansu broker (memory storage) on loopback; logs go to ``run_dir/tansu.log``."""
+def start_kafka(
+    run_dir: Path, *, port: int | None = None, timeout_s: float = 15.0, advertised_port: int | None = None
+) -> EmbeddedService:
+    """Start the Tansu broker (memory storage) on loopback; logs go to ``run_dir/tansu.log``.
+
+    ``advertised_port`` is the port the broker tells clients to use (default: its own), e.g. a
+    TLS-terminating proxy's in front of it.
+    """
     binary = tansu_binary()
 
     def command(chosen: int) -> list[str]:
         url = f"tcp://{LOOPBACK}:{chosen}"
-        return [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        advertised = url if advertised_port is None else f"tcp://{LOOPBACK}:{advertised_port}"
+        return [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", advertised]
 
     def ready(host: str, chosen: int, pid: int) -> bool:
         return kafka_ready(host, chosen)  # Tansu cannot tell its pid; _start checked the port was free
