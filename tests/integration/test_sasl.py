@@ -1,0 +1,199 @@
+"""SASL PLAIN end to end: a worker whose Kafka lets no one in without a username and password.
+
+Tansu 0.6 has no SASL, so it listens on a port of its own behind `SaslGate`, a relay that plays
+the broker's part of the SASL exchange (KIP-43/KIP-152: ``SaslHandshake`` then
+``SaslAuthenticate``) and checks the credentials before it relays anything else; Tansu
+advertises the gate's port, so every connection the worker makes is authenticated. The gate
+adds the two SASL APIs to the broker's ``ApiVersions`` answer, as a broker with SASL enabled
+does. A client with a wrong password, or none, gets no further than the gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from pydantic import SecretStr
+from relays import Relay
+from worker_harness import WorkerProcess, utterance
+
+from worker.connections import KafkaConnection, SaslMechanism, SecurityProtocol
+from worker.dev.services import LOOPBACK, free_port, start_kafka, start_redis
+from worker.stream.admin import create_topics
+from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES
+
+pytestmark = pytest.mark.integration
+
+USER, PASSWORD = "intent-worker", "sasl-plain-3f9c2a"
+API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
+SASL_AUTHENTICATION_FAILED = 58
+
+
+class SaslGate(Relay):
+    """A relay to ``target`` that demands SASL PLAIN (``USER``/``PASSWORD``) first."""
+
+    def __init__(self, port: int, target: int) -> None:
+        super().__init__(port, target)
+        self.authenticated = self.refused = 0
+
+    def __enter__(self) -> SaslGate:
+        super().__enter__()
+        return self
+
+    async def handle(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream_reader: asyncio.StreamReader,
+        upstream: asyncio.StreamWriter,
+    ) -> None:
+        if await self._authenticate(reader, writer, upstream_reader, upstream):
+            await super().handle(reader, writer, upstream_reader, upstream)
+
+    async def _authenticate(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream_reader: asyncio.StreamReader,
+        upstream: asyncio.StreamWriter,
+    ) -> bool:
+        """The broker's side of the exchange; True once the client has authenticated."""
+        while True:
+            frame = await _read_frame(reader)
+            api_key, version, correlation = struct.unpack_from(">hhi", frame)
+            (client_id_length,) = struct.unpack_from(">h", frame, 8)
+            body = frame[10 + max(client_id_length, 0) :]
+            if api_key == API_VERSIONS:  # the broker answers, with the SASL APIs added
+                upstream.write(struct.pack(">i", len(frame)) + frame)
+                await upstream.drain()
+                _write_frame(writer, _with_sasl_apis(await _read_frame(upstream_reader)))
+            elif api_key == SASL_HANDSHAKE:
+                (length,) = struct.unpack_from(">h", body)
+                known = body[2 : 2 + length] == b"PLAIN"
+                answer = struct.pack(">hi", 0 if known else 33, 1) + _string("PLAIN")
+                _write_frame(writer, struct.pack(">i", correlation) + answer)
+            elif api_key == SASL_AUTHENTICATE:
+                (length,) = struct.unpack_from(">i", body)
+                _, user, password = body[4 : 4 + length].split(b"\0")
+                good = (user, password) == (USER.encode(), PASSWORD.encode())
+                error = 0 if good else SASL_AUTHENTICATION_FAILED
+                message = struct.pack(">h", -1) if good else _string("Authentication failed: bad credentials")
+                answer = struct.pack(">h", error) + message + struct.pack(">i", 0)
+                if version >= 1:
+                    answer += struct.pack(">q", 0)
+                _write_frame(writer, struct.pack(">i", correlation) + answer)
+                await writer.drain()
+                if good:
+                    self.authenticated += 1
+                    return True
+                self.refused += 1
+                return False
+            else:  # anything else before authenticating: a SASL broker closes the connection
+                self.refused += 1
+                return False
+            await writer.drain()
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    (size,) = struct.unpack(">i", await reader.readexactly(4))
+    return await reader.readexactly(size)
+
+
+def _write_frame(writer: asyncio.StreamWriter, payload: bytes) -> None:
+    writer.write(struct.pack(">i", len(payload)) + payload)
+
+
+def _string(value: str) -> bytes:
+    data = value.encode()
+    return struct.pack(">h", len(data)) + data
+
+
+def _with_sasl_apis(response: bytes) -> bytes:
+    """An ApiVersions v0-v2 response (correlation id first) that also lists SaslHandshake and
+    SaslAuthenticate, versions 0-1."""
+    correlation, error, count = struct.unpack_from(">ihi", response)
+    entries = [struct.unpack_from(">hhh", response, 10 + 6 * i) for i in range(count)]
+    tail = response[10 + 6 * count :]  # throttle_time_ms from v1 on
+    entries = [e for e in entries if e[0] not in (SASL_HANDSHAKE, SASL_AUTHENTICATE)]
+    entries += [(SASL_HANDSHAKE, 0, 1), (SASL_AUTHENTICATE, 0, 1)]
+    packed = b"".join(struct.pack(">hhh", *entry) for entry in entries)
+    return struct.pack(">ihi", correlation, error, len(entries)) + packed + tail
+
+
+def sasl(port: int, password: str = PASSWORD) -> KafkaConnection:
+    return KafkaConnection(
+        bootstrap=f"{LOOPBACK}:{port}",
+        security_protocol=SecurityProtocol.SASL_PLAINTEXT,
+        sasl_mechanism=SaslMechanism.PLAIN,
+        username=USER,
+        password=SecretStr(password),
+    )
+
+
+async def produce(connection: KafkaConnection, records: list[tuple[bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(**connection.aiokafka_kwargs(), request_timeout_ms=10000)
+    try:
+        await producer.start()  # inside: a refused start is stopped too
+        for key, value in records:
+            await producer.send_and_wait(UTTERANCES, value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def intents(connection: KafkaConnection, want: set[bytes], timeout_s: float) -> set[bytes]:
+    consumer = AIOKafkaConsumer(INTENTS, **connection.aiokafka_kwargs(), auto_offset_reset="earliest")
+    await consumer.start()
+    seen: set[bytes] = set()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not want <= seen and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                seen.update(r.key or b"" for r in records)
+    finally:
+        await consumer.stop()
+    return seen
+
+
+def test_a_worker_behind_sasl_plain_labels_and_a_wrong_password_is_refused(
+    tmp_path: Path, student: Path
+) -> None:
+    gate_port = free_port()
+    with (
+        start_kafka(tmp_path / "tansu", advertised_port=gate_port) as kafka,
+        SaslGate(gate_port, kafka.port) as gate,
+        start_redis(tmp_path / "valkey") as redis,
+    ):
+        connection = sasl(gate_port)
+        asyncio.run(create_topics(connection, dict.fromkeys((UTTERANCES, INTENTS, DEAD_LETTERS), 2)))
+        worker = WorkerProcess(
+            kafka=connection.bootstrap, redis=redis.url, run_dir=tmp_path / "run", group="sasl",
+            student=student, partitions=2,
+            extra={
+                "INTENT_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                "INTENT_KAFKA_SASL_MECHANISM": "PLAIN",
+                "INTENT_KAFKA_SASL_USERNAME": USER,
+                "INTENT_KAFKA_SASL_PASSWORD": PASSWORD,
+            },
+        )  # fmt: skip
+        with worker:
+            worker.wait_healthy()
+            sent = [utterance(f"sasl-{i}", f"switch off the heating in room {i}") for i in range(20)]
+            asyncio.run(produce(connection, sent))
+            want = {key for key, _ in sent}
+            assert want <= asyncio.run(intents(connection, want, 60)), worker.log()[-3000:]
+            assert worker.terminate() == 0
+        assert PASSWORD not in worker.log()
+        authenticated = gate.authenticated
+        assert authenticated >= 3  # the admin, the worker's consumer and producer, the test's clients
+
+        refused = gate.refused
+        with pytest.raises(KafkaError):
+            asyncio.run(produce(sasl(gate_port, password="not-the-password"), sent[:1]))
+        with pytest.raises(KafkaError):
+            asyncio.run(produce(KafkaConnection(bootstrap=connection.bootstrap), sent[:1]))
+        assert gate.refused >= refused + 2 and gate.authenticated == authenticated
