@@ -1,4 +1,5 @@
-"""SASL PLAIN end to end: a worker whose Kafka lets no one in without a username and password.
+"""SASL end to end (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512): a worker whose Kafka lets no one in
+without a username and password.
 
 Tansu 0.6 has no SASL, so it listens on a port of its own behind `SaslGate`, a relay that plays
 the broker's part of the SASL exchange (KIP-43/KIP-152: ``SaslHandshake`` then
@@ -11,6 +12,10 @@ does. A client with a wrong password, or none, gets no further than the gate.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import os
 import struct
 import time
 from pathlib import Path
@@ -32,10 +37,11 @@ pytestmark = pytest.mark.integration
 USER, PASSWORD = "intent-worker", "sasl-plain-3f9c2a"
 API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
 SASL_AUTHENTICATION_FAILED = 58
+MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class SaslGate(Relay):
-    """A relay to ``target`` that demands SASL PLAIN (``USER``/``PASSWORD``) first."""
+    """A relay to ``target`` that demands SASL (PLAIN or SCRAM, ``USER``/``PASSWORD``) first."""
 
     def __init__(self, port: int, target: int) -> None:
         super().__init__(port, target)
@@ -63,6 +69,8 @@ class SaslGate(Relay):
         upstream: asyncio.StreamWriter,
     ) -> bool:
         """The broker's side of the exchange; True once the client has authenticated."""
+        mechanism = ""
+        scram: Scram | None = None
         while True:
             frame = await _read_frame(reader)
             api_key, version, correlation = struct.unpack_from(">hhi", frame)
@@ -74,29 +82,77 @@ class SaslGate(Relay):
                 _write_frame(writer, _with_sasl_apis(await _read_frame(upstream_reader)))
             elif api_key == SASL_HANDSHAKE:
                 (length,) = struct.unpack_from(">h", body)
-                known = body[2 : 2 + length] == b"PLAIN"
-                answer = struct.pack(">hi", 0 if known else 33, 1) + _string("PLAIN")
+                mechanism = body[2 : 2 + length].decode()
+                error = 0 if mechanism in MECHANISMS else 33  # UNSUPPORTED_SASL_MECHANISM
+                answer = struct.pack(">hi", error, len(MECHANISMS)) + b"".join(map(_string, MECHANISMS))
                 _write_frame(writer, struct.pack(">i", correlation) + answer)
             elif api_key == SASL_AUTHENTICATE:
                 (length,) = struct.unpack_from(">i", body)
-                _, user, password = body[4 : 4 + length].split(b"\0")
-                good = (user, password) == (USER.encode(), PASSWORD.encode())
+                token = body[4 : 4 + length]
+                if mechanism == "PLAIN":
+                    _, user, password = token.split(b"\0")
+                    done, good, reply = True, (user, password) == (USER.encode(), PASSWORD.encode()), b""
+                elif scram is None:  # SCRAM's client-first message
+                    scram = Scram(mechanism)
+                    done, good, reply = False, True, scram.first(token)
+                else:  # its client-final message
+                    done, reply = True, scram.final(token)
+                    good = reply is not None
                 error = 0 if good else SASL_AUTHENTICATION_FAILED
                 message = struct.pack(">h", -1) if good else _string("Authentication failed: bad credentials")
-                answer = struct.pack(">h", error) + message + struct.pack(">i", 0)
+                answer = (
+                    struct.pack(">h", error) + message + struct.pack(">i", len(reply or b"")) + (reply or b"")
+                )
                 if version >= 1:
                     answer += struct.pack(">q", 0)
                 _write_frame(writer, struct.pack(">i", correlation) + answer)
                 await writer.drain()
-                if good:
+                if not good:
+                    self.refused += 1
+                    return False
+                if done:
                     self.authenticated += 1
                     return True
-                self.refused += 1
-                return False
             else:  # anything else before authenticating: a SASL broker closes the connection
                 self.refused += 1
                 return False
             await writer.drain()
+
+
+class Scram:
+    """The server's side of SCRAM (RFC 5802, RFC 7677) for ``USER``/``PASSWORD``."""
+
+    ITERATIONS = 4096
+
+    def __init__(self, mechanism: str) -> None:
+        self.hash = hashlib.sha256 if mechanism == "SCRAM-SHA-256" else hashlib.sha512
+        self.salt = os.urandom(16)
+        self.nonce = base64.b64encode(os.urandom(18)).decode()
+
+    def first(self, token: bytes) -> bytes:
+        self.client_first_bare = token.decode().split(",", 2)[2]  # after the GS2 header "n,,"
+        fields = dict(part.split("=", 1) for part in self.client_first_bare.split(","))
+        self.user = fields["n"]
+        self.combined_nonce = fields["r"] + self.nonce
+        salt = base64.b64encode(self.salt).decode()
+        self.server_first = f"r={self.combined_nonce},s={salt},i={self.ITERATIONS}"
+        return self.server_first.encode()
+
+    def final(self, token: bytes) -> bytes | None:
+        """The server-final message, or None when the proof is wrong."""
+        without_proof, proof = token.decode().rsplit(",p=", 1)
+        if self.user != USER or f"r={self.combined_nonce}" not in without_proof.split(","):
+            return None
+        salted = hashlib.pbkdf2_hmac(self.hash().name, PASSWORD.encode(), self.salt, self.ITERATIONS)
+        client_key = hmac.digest(salted, b"Client Key", self.hash)
+        stored_key = self.hash(client_key).digest()
+        message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode()
+        signature = hmac.digest(stored_key, message, self.hash)
+        recovered = bytes(a ^ b for a, b in zip(base64.b64decode(proof), signature, strict=True))
+        if not hmac.compare_digest(self.hash(recovered).digest(), stored_key):
+            return None
+        server_key = hmac.digest(salted, b"Server Key", self.hash)
+        return b"v=" + base64.b64encode(hmac.digest(server_key, message, self.hash))
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
@@ -125,11 +181,11 @@ def _with_sasl_apis(response: bytes) -> bytes:
     return struct.pack(">ihi", correlation, error, len(entries)) + packed + tail
 
 
-def sasl(port: int, password: str = PASSWORD) -> KafkaConnection:
+def sasl(port: int, mechanism: str, password: str = PASSWORD) -> KafkaConnection:
     return KafkaConnection(
         bootstrap=f"{LOOPBACK}:{port}",
         security_protocol=SecurityProtocol.SASL_PLAINTEXT,
-        sasl_mechanism=SaslMechanism.PLAIN,
+        sasl_mechanism=SaslMechanism(mechanism),
         username=USER,
         password=SecretStr(password),
     )
@@ -159,8 +215,9 @@ async def intents(connection: KafkaConnection, want: set[bytes], timeout_s: floa
     return seen
 
 
-def test_a_worker_behind_sasl_plain_labels_and_a_wrong_password_is_refused(
-    tmp_path: Path, student: Path
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_a_worker_behind_sasl_labels_and_a_wrong_password_is_refused(
+    tmp_path: Path, student: Path, mechanism: str
 ) -> None:
     gate_port = free_port()
     with (
@@ -168,14 +225,14 @@ def test_a_worker_behind_sasl_plain_labels_and_a_wrong_password_is_refused(
         SaslGate(gate_port, kafka.port) as gate,
         start_redis(tmp_path / "valkey") as redis,
     ):
-        connection = sasl(gate_port)
+        connection = sasl(gate_port, mechanism)
         asyncio.run(create_topics(connection, dict.fromkeys((UTTERANCES, INTENTS, DEAD_LETTERS), 2)))
         worker = WorkerProcess(
             kafka=connection.bootstrap, redis=redis.url, run_dir=tmp_path / "run", group="sasl",
             student=student, partitions=2,
             extra={
                 "INTENT_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-                "INTENT_KAFKA_SASL_MECHANISM": "PLAIN",
+                "INTENT_KAFKA_SASL_MECHANISM": mechanism,
                 "INTENT_KAFKA_SASL_USERNAME": USER,
                 "INTENT_KAFKA_SASL_PASSWORD": PASSWORD,
             },
@@ -193,7 +250,7 @@ def test_a_worker_behind_sasl_plain_labels_and_a_wrong_password_is_refused(
 
         refused = gate.refused
         with pytest.raises(KafkaError):
-            asyncio.run(produce(sasl(gate_port, password="not-the-password"), sent[:1]))
+            asyncio.run(produce(sasl(gate_port, mechanism, password="not-the-password"), sent[:1]))
         with pytest.raises(KafkaError):
             asyncio.run(produce(KafkaConnection(bootstrap=connection.bootstrap), sent[:1]))
         assert gate.refused >= refused + 2 and gate.authenticated == authenticated
