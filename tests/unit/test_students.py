@@ -257,3 +257,37 @@ def test_sparse_embedding_gradients_train_and_resume(tmp_path: Path) -> None:
     assert [e["valid_loss"] for e in resumed.history] == pytest.approx(
         [e["valid_loss"] for e in whole.history]
     )
+
+
+def test_a_locale_cap_trains_on_a_share_of_the_big_locales_only(tmp_path: Path) -> None:
+    from collections import Counter
+
+    import numpy as np
+
+    from worker.loop.dataset import DatasetWriter, ShardRows
+    from worker.training.distil import TrainConfig, stream_examples
+
+    n_big, n_small = 4000, 300
+    locales = ["ko"] * n_big + ["ja"] * n_small
+    writer = DatasetWriter(tmp_path / "ds", "teacher@1", ("Action", "Other", "Recall"))
+    writer.write_shard(
+        "a",
+        ShardRows(
+            ids=[f"row-{i}" for i in range(len(locales))],
+            texts=[f"text {i}" for i in range(len(locales))],
+            locales=locales,
+            teacher_logits=list(np.zeros((len(locales), 3), np.float32)),
+            teacher_labels=["Other"] * len(locales),
+            sources=["test"] * len(locales),
+        ),
+    )
+    datasets = [tmp_path / "ds"]
+    every = Counter(e.locale for e in stream_examples(datasets, "train", TrainConfig()))
+    capped_config = TrainConfig(max_rows_per_locale=1000)
+    capped = Counter(e.locale for e in stream_examples(datasets, "train", capped_config))
+    assert capped["ja"] == every["ja"]  # under the cap: every row
+    assert 850 <= capped["ko"] <= 1100  # about the cap, less the validation share
+    again = [e.text for e in stream_examples(datasets, "train", capped_config)]
+    assert again == [e.text for e in stream_examples(datasets, "train", capped_config)]  # deterministic
+    valid = [e.text for e in stream_examples(datasets, "valid", capped_config)]
+    assert valid == [e.text for e in stream_examples(datasets, "valid", TrainConfig())]  # untouched

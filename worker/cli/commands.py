@@ -349,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     train.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default: cpu)")
     train.add_argument(
+        "--max-rows-per-locale",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on about N rows of each locale at most (a share of the bigger ones, by row id)",
+    )
+    train.add_argument(
         "--time-budget",
         type=float,
         default=None,

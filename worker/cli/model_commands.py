@@ -240,6 +240,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         sparse_embeddings=args.sparse_embeddings,
         device=args.device,
         time_budget_s=args.time_budget,
+        max_rows_per_locale=args.max_rows_per_locale,
     )
     request = TrainRequest(
         arch=args.arch,

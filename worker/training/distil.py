@@ -14,6 +14,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy.typing as npt
 import structlog
 from tokenizers import Tokenizer
 
-from worker.loop.dataset import iter_batches
+from worker.loop.dataset import iter_batches, read_manifest
 from worker.models.onnx import pad_batch
 from worker.training import require_torch
 from worker.training.students import StudentConfig, build_student
@@ -58,6 +59,10 @@ class TrainConfig:
     sparse_embeddings: bool = False
     #: The torch device to train on ("cpu", "cuda", "cuda:1"); the result comes back on the CPU.
     device: str = "cpu"
+    #: Train on at most about this many rows of each locale (a deterministic share of the larger
+    #: ones, by row id; validation rows untouched), so a few big locales do not crowd out the
+    #: rest; None: every row.
+    max_rows_per_locale: int | None = None
     #: Stop after the epoch whose successor would end past this many seconds of training
     #: (judged by the slowest epoch so far); None: no limit. The best epoch is kept as always.
     time_budget_s: float | None = None
@@ -82,6 +87,7 @@ def split_bucket(row_id: str) -> float:
 
 def stream_examples(datasets: Sequence[Path], part: str, config: TrainConfig) -> Iterator[Example]:
     """Rows of ``part`` ("train" or "valid") from distillation datasets, in shard order."""
+    shares = locale_shares(datasets, config.max_rows_per_locale) if part == "train" else {}
     for directory in datasets:
         for batch in iter_batches(directory):
             for i, row_id in enumerate(batch.ids):
@@ -89,13 +95,24 @@ def stream_examples(datasets: Sequence[Path], part: str, config: TrainConfig) ->
                 is_valid = bucket < config.valid_fraction
                 if (part == "valid") != is_valid:
                     continue
-                # Rescale so `fraction` is taken from the training rows only.
-                if (
-                    part == "train"
-                    and (bucket - config.valid_fraction) / (1 - config.valid_fraction) >= config.fraction
-                ):
+                # Rescale so `fraction` (and a locale's share) is taken from the training rows only.
+                if part == "train" and (bucket - config.valid_fraction) / (
+                    1 - config.valid_fraction
+                ) >= config.fraction * shares.get(batch.locales[i], 1.0):
                     continue
                 yield Example(batch.texts[i], batch.teacher_logits[i], batch.locales[i])
+
+
+def locale_shares(datasets: Sequence[Path], max_rows: int | None) -> dict[str, float]:
+    """The share of each locale's rows to train on so that it keeps about ``max_rows`` (from the
+    datasets' manifests); empty (every row) when ``max_rows`` is None."""
+    if max_rows is None:
+        return {}
+    counts: Counter[str] = Counter()
+    for directory in datasets:
+        for locale, by_label in read_manifest(directory).get("counts", {}).items():
+            counts[locale] += sum(by_label.values())
+    return {locale: min(1.0, max_rows / n) for locale, n in counts.items() if n}
 
 
 def shuffled(examples: Iterator[Example], buffer: int, rng: random.Random) -> Iterator[Example]:
