@@ -1,8 +1,8 @@
 """Relays in front of a real service, for what the embedded Tansu and valkey lack (TLS, SASL).
 
 A `Relay` listens on a loopback port (with TLS when given an ``ssl.SSLContext``) and, for each
-connection, opens one to the service's port and hands both to `Relay.handle`, which by default
-copies bytes both ways. It runs its own event loop on a thread, and on exit ends every
+connection, opens one to the service's port, asks `Relay.admit` (by default yes), and copies
+bytes both ways. It runs its own event loop on a thread, and on exit ends every
 connection at once, so no task outlives it.
 """
 
@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ssl
 import threading
+from typing import Self
 
 from worker.dev.services import LOOPBACK
 
@@ -25,7 +26,7 @@ class Relay:
         self._open: set[asyncio.StreamWriter] = set()
         self._closing = False
 
-    def __enter__(self) -> Relay:
+    def __enter__(self) -> Self:
         self._thread.start()
         assert self._ready.wait(10), f"{type(self).__name__} did not start"
         return self
@@ -36,15 +37,16 @@ class Relay:
         self._thread.join(timeout=10)
         self.loop.close()
 
-    async def handle(
+    async def admit(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         upstream_reader: asyncio.StreamReader,
         upstream: asyncio.StreamWriter,
-    ) -> None:
-        """One client connection, with its connection to the service; by default a plain copy."""
-        await asyncio.gather(pipe(reader, upstream), pipe(upstream_reader, writer))
+    ) -> bool:
+        """Whether this client connection may be relayed; a gate (SASL, say) talks to the client
+        here first. By default every connection may."""
+        return True
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -77,7 +79,8 @@ class Relay:
             upstream_reader, upstream = await asyncio.open_connection(LOOPBACK, self.target)
             ends.append(upstream)
             self._open.add(upstream)
-            await self.handle(reader, writer, upstream_reader, upstream)
+            if await self.admit(reader, writer, upstream_reader, upstream):
+                await asyncio.gather(pipe(reader, upstream), pipe(upstream_reader, writer))
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:

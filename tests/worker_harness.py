@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from worker.config import MODELS_DIR
+from worker.connections import KafkaConnection, as_kafka
 from worker.dev import harness
 
 
@@ -63,13 +64,16 @@ class WorkerProcess(harness.WorkerProcess):
 # -- Kafka helpers -----------------------------------------------------------------------------------
 
 
-def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:
+def produce(kafka: str | KafkaConnection, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:
+    """Send ``messages`` (key, value) and wait for every acknowledgement; a plain ``host:port``
+    means PLAINTEXT, a `KafkaConnection` also TLS or SASL."""
+
     async def run() -> int:
         producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=4 * 1024 * 1024
+            **as_kafka(kafka).aiokafka_kwargs(), acks="all", linger_ms=5, max_request_size=4 * 1024 * 1024
         )
-        await producer.start()
         try:
+            await producer.start()  # inside: a refused start is stopped too
             acks = [await producer.send(topic, value, key=key) for key, value in messages]
             await asyncio.gather(*acks)
             return len(acks)
@@ -80,7 +84,7 @@ def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, b
 
 
 def consume(
-    bootstrap: str,
+    kafka: str | KafkaConnection,
     topics: Sequence[str],
     until: Callable[[list[ConsumerRecord[bytes, bytes]]], bool],
     timeout_s: float = 60.0,
@@ -90,7 +94,7 @@ def consume(
     async def run() -> list[ConsumerRecord[bytes, bytes]]:
         consumer = AIOKafkaConsumer(
             *topics,
-            bootstrap_servers=bootstrap,
+            **as_kafka(kafka).aiokafka_kwargs(),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

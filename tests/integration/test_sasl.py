@@ -17,15 +17,13 @@ import hashlib
 import hmac
 import os
 import struct
-import time
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 from relays import Relay
-from worker_harness import WorkerProcess, utterance
+from worker_harness import WorkerProcess, consume, produce, utterance
 
 from worker.connections import KafkaConnection, SaslMechanism, SecurityProtocol
 from worker.dev.services import LOOPBACK, free_port, start_kafka, start_redis
@@ -47,21 +45,7 @@ class SaslGate(Relay):
         super().__init__(port, target)
         self.authenticated = self.refused = 0
 
-    def __enter__(self) -> SaslGate:
-        super().__enter__()
-        return self
-
-    async def handle(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        upstream_reader: asyncio.StreamReader,
-        upstream: asyncio.StreamWriter,
-    ) -> None:
-        if await self._authenticate(reader, writer, upstream_reader, upstream):
-            await super().handle(reader, writer, upstream_reader, upstream)
-
-    async def _authenticate(
+    async def admit(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
@@ -191,30 +175,6 @@ def sasl(port: int, mechanism: str, password: str = PASSWORD) -> KafkaConnection
     )
 
 
-async def produce(connection: KafkaConnection, records: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(**connection.aiokafka_kwargs(), request_timeout_ms=10000)
-    try:
-        await producer.start()  # inside: a refused start is stopped too
-        for key, value in records:
-            await producer.send_and_wait(UTTERANCES, value, key=key)
-    finally:
-        await producer.stop()
-
-
-async def intents(connection: KafkaConnection, want: set[bytes], timeout_s: float) -> set[bytes]:
-    consumer = AIOKafkaConsumer(INTENTS, **connection.aiokafka_kwargs(), auto_offset_reset="earliest")
-    await consumer.start()
-    seen: set[bytes] = set()
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not want <= seen and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                seen.update(r.key or b"" for r in records)
-    finally:
-        await consumer.stop()
-    return seen
-
-
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 def test_a_worker_behind_sasl_labels_and_a_wrong_password_is_refused(
     tmp_path: Path, student: Path, mechanism: str
@@ -240,9 +200,10 @@ def test_a_worker_behind_sasl_labels_and_a_wrong_password_is_refused(
         with worker:
             worker.wait_healthy()
             sent = [utterance(f"sasl-{i}", f"switch off the heating in room {i}") for i in range(20)]
-            asyncio.run(produce(connection, sent))
+            produce(connection, UTTERANCES, sent)
             want = {key for key, _ in sent}
-            assert want <= asyncio.run(intents(connection, want, 60)), worker.log()[-3000:]
+            found = consume(connection, [INTENTS], lambda rs: want <= {r.key for r in rs}, 60)
+            assert want <= {r.key for r in found}, worker.log()[-3000:]
             assert worker.terminate() == 0
         assert PASSWORD not in worker.log()
         authenticated = gate.authenticated
@@ -250,7 +211,7 @@ def test_a_worker_behind_sasl_labels_and_a_wrong_password_is_refused(
 
         refused = gate.refused
         with pytest.raises(KafkaError):
-            asyncio.run(produce(sasl(gate_port, mechanism, password="not-the-password"), sent[:1]))
+            produce(sasl(gate_port, mechanism, password="not-the-password"), UTTERANCES, sent[:1])
         with pytest.raises(KafkaError):
-            asyncio.run(produce(KafkaConnection(bootstrap=connection.bootstrap), sent[:1]))
+            produce(connection.bootstrap, UTTERANCES, sent[:1])
         assert gate.refused >= refused + 2 and gate.authenticated == authenticated

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from pydantic import SecretStr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from relays import Relay
-from worker_harness import WorkerProcess, utterance
+from worker_harness import WorkerProcess, consume, produce, utterance
 
 from worker.connections import KafkaConnection, RedisConnection, SecurityProtocol, redis_client
 from worker.dev.harness import metric_sum
@@ -104,30 +103,6 @@ def kafka_tls(port: int, pki: Pki, *, certificate: bool = True) -> KafkaConnecti
     )
 
 
-async def produce(connection: KafkaConnection, records: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(**connection.aiokafka_kwargs(), request_timeout_ms=10000)
-    try:
-        await producer.start()  # inside: a refused start is stopped too
-        for key, value in records:
-            await producer.send_and_wait(UTTERANCES, value, key=key)
-    finally:
-        await producer.stop()
-
-
-async def intents(connection: KafkaConnection, want: set[bytes], timeout_s: float) -> set[bytes]:
-    consumer = AIOKafkaConsumer(INTENTS, **connection.aiokafka_kwargs(), auto_offset_reset="earliest")
-    await consumer.start()
-    seen: set[bytes] = set()
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not want <= seen and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                seen.update(r.key or b"" for r in records)
-    finally:
-        await consumer.stop()
-    return seen
-
-
 def test_a_worker_on_tls_kafka_and_tls_redis_labels_and_samples(
     tmp_path: Path, pki: Pki, student: Path
 ) -> None:
@@ -162,9 +137,10 @@ def test_a_worker_on_tls_kafka_and_tls_redis_labels_and_samples(
         with worker:
             worker.wait_healthy()
             sent = [utterance(f"tls-{i}", f"turn on the lights in room {i}") for i in range(20)]
-            asyncio.run(produce(connection, sent))
+            produce(connection, UTTERANCES, sent)
             want = {key for key, _ in sent}
-            assert want <= asyncio.run(intents(connection, want, 60)), worker.log()[-3000:]
+            found = consume(connection, [INTENTS], lambda rs: want <= {r.key for r in rs}, 60)
+            assert want <= {r.key for r in found}, worker.log()[-3000:]
             # Every sample the worker kept went over TLS; how many it keeps while the first TLS
             # handshakes run through the Python relay is not this test's business.
             with contextlib.closing(redis_client(redis_tls(redis_port, pki), timeout_s=5)) as buffer:
@@ -178,9 +154,9 @@ def test_a_worker_on_tls_kafka_and_tls_redis_labels_and_samples(
 
         # Without TLS, or without the client certificate, neither service lets a client in.
         with pytest.raises((KafkaConnectionError, KafkaError)):
-            asyncio.run(produce(KafkaConnection(bootstrap=connection.bootstrap), sent[:1]))
+            produce(connection.bootstrap, UTTERANCES, sent[:1])
         with pytest.raises((KafkaConnectionError, KafkaError)):
-            asyncio.run(produce(kafka_tls(tls_port, pki, certificate=False), sent[:1]))
+            produce(kafka_tls(tls_port, pki, certificate=False), UTTERANCES, sent[:1])
         with (
             pytest.raises(RedisConnectionError),
             contextlib.closing(
