@@ -3,8 +3,7 @@
 `corpus build --device cuda` labels with it: the same e5 weights, tokenizer, prefix, head and
 identity as the ONNX teacher (`worker.teacher.load_embedded_teacher`), so datasets from either
 are interchangeable. The encoder is `PrunedTransformer` with every layer kept and the whole
-vocabulary, the torch twin of the teacher's ONNX graph; the head runs in numpy
-(`worker.teacher.head.forward`), exactly as the ONNX head does.
+vocabulary, with the teacher's head: the torch twin of the teacher's ONNX graph.
 
 Matrix products run in full float32 (TF32 off): a labelling run must give the logits the CPU
 teacher gives, to within float rounding (`tests/unit/test_torch_teacher.py` holds the two
@@ -22,7 +21,6 @@ from tokenizers import Tokenizer
 from worker.config import Settings
 from worker.models.onnx import clean_text, pad_batch, read_labels
 from worker.teacher.e5format import E5File
-from worker.teacher.head import forward as head_forward
 from worker.teacher.onnx_graph import HeadWeights
 from worker.teacher.runtime import CHARS_PER_TOKEN, FixedLabelsTeacher, Logits, run_in_batches
 from worker.training import require_torch
@@ -64,7 +62,6 @@ class TorchTeacher(FixedLabelsTeacher):
         torch.backends.cudnn.allow_tf32 = False
         self._labels = tuple(labels)
         self._identity = identity
-        self._head = head
         self._device = torch.device(device)
         self._model = PrunedTransformer(full_encoder(e5), head).to(self._device).eval()
         self._pad = e5.vocab.pad
@@ -78,25 +75,28 @@ class TorchTeacher(FixedLabelsTeacher):
 
     def embeddings(self, texts: Sequence[str]) -> Logits:
         """L2-normalised sentence embeddings [n, hidden], in input order."""
+        return self._run(texts, output=1, width=self._hidden)
+
+    def logits(self, texts: Sequence[str]) -> Logits:
+        return self._run(texts, output=0, width=len(self._labels))
+
+    def _run(self, texts: Sequence[str], *, output: int, width: int) -> Logits:
+        """One of the model's outputs (0: logits, 1: embedding) for ``texts``, in input order."""
         cleaned = [self._prefix + clean_text(t, self._max_chars) for t in texts]
         ids = [e.ids for e in self._tokenizer.encode_batch(cleaned)]
         if not ids:
-            return np.zeros((0, self._hidden), np.float32)
-        return run_in_batches(
-            [len(row) for row in ids], self._batch_tokens, lambda rows: self._embed(ids, rows)
-        )
+            return np.zeros((0, width), np.float32)
 
-    def _embed(self, ids: list[list[int]], rows: list[int]) -> Logits:
-        input_ids, mask = pad_batch([ids[i] for i in rows], self._pad)
-        with torch.inference_mode():
-            _, embedding = self._model(
-                torch.from_numpy(input_ids).to(self._device), torch.from_numpy(mask).to(self._device)
-            )
-        out: Logits = embedding.float().cpu().numpy()
-        return out
+        def batch(rows: list[int]) -> Logits:
+            input_ids, mask = pad_batch([ids[i] for i in rows], self._pad)
+            with torch.inference_mode():
+                values = self._model(
+                    torch.from_numpy(input_ids).to(self._device), torch.from_numpy(mask).to(self._device)
+                )[output]
+            out: Logits = values.float().cpu().numpy()
+            return out
 
-    def logits(self, texts: Sequence[str]) -> Logits:
-        return head_forward(self._head, self.embeddings(texts))
+        return run_in_batches([len(row) for row in ids], self._batch_tokens, batch)
 
 
 def load_embedded_torch_teacher(settings: Settings, device: str, e5_path: Path | None = None) -> TorchTeacher:
