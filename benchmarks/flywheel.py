@@ -51,9 +51,9 @@ from worker.config import Settings
 from worker.data.corpora import language_of, read_jsonl
 from worker.dev.harness import WorkerProcess, metric_sum, worker_env
 from worker.dev.services import start_redis
+from worker.loop.dataset import split_bucket
 from worker.models.student import Student, chunked_logits
 from worker.topics import DEAD_LETTERS, INTENTS, UTTERANCES, buffer_key
-from worker.training.distil import split_bucket
 
 PREFIX = "flywheel"
 GROUP = "flywheel"

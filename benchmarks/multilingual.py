@@ -31,11 +31,10 @@ from worker.data.corpora import (
     shared_mapping,
     xsid_files,
 )
-from worker.loop.dataset import iter_batches
+from worker.loop.dataset import iter_batches, split_bucket
 from worker.loop.gate import golden_from_labelled
 from worker.models.student import Student, chunked_logits
 from worker.teacher import load_teacher
-from worker.training.distil import split_bucket
 
 SMOKE = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual_smoke.jsonl"
 XSID_TARGETS = ("ar", "de", "en", "id", "it", "ja", "nl", "tr", "zh")

@@ -26,11 +26,11 @@ from worker.data.corpora import (
     xsid_files,
 )
 from worker.data.report import to_json
+from worker.loop.dataset import split_bucket
 from worker.models.student import Student
 from worker.teacher import E5_PREFIX, OnnxSequenceModel, OnnxTeacher, load_embedded_teacher
 from worker.teacher.build import ensure_encoder
 from worker.teacher.e5format import default_weights_path
-from worker.training.distil import split_bucket
 
 
 def speed_of(logits_fn, texts: list[str]) -> dict[str, float]:  # type: ignore[no-untyped-def]

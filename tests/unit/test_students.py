@@ -291,3 +291,74 @@ def test_a_locale_cap_trains_on_a_share_of_the_big_locales_only(tmp_path: Path) 
     assert again == [e.text for e in stream_examples(datasets, "train", capped_config)]  # deterministic
     valid = [e.text for e in stream_examples(datasets, "valid", capped_config)]
     assert valid == [e.text for e in stream_examples(datasets, "valid", TrainConfig())]  # untouched
+
+
+def _logit_rows(targets: list[list[float]]) -> list[Example]:
+    return [
+        Example(f"text {i}", np.array(t, np.float32), "en", row_id=f"r{i}") for i, t in enumerate(targets)
+    ]
+
+
+def test_disagreement_weights_favour_the_rows_the_student_gets_wrong_with_mean_one() -> None:
+    from worker.training.distil import disagreement_weights
+
+    rows = _logit_rows([[4.0, 0.0, 0.0]] * 6 + [[0.0, 4.0, 0.0]] * 2)
+
+    def student(texts: list[str]) -> np.ndarray:  # always says label 0
+        return np.tile(np.array([[4.0, 0.0, 0.0]], np.float32), (len(texts), 1))
+
+    weights, summary = disagreement_weights(iter(rows), student, TrainConfig(disagreement_alpha=1.0))
+    assert set(weights) == {e.row_id for e in rows}
+    assert np.mean(list(weights.values())) == pytest.approx(1.0)
+    agreed, wrong = weights["r0"], weights["r6"]
+    assert wrong > 2 * agreed  # KL 0 vs. KL 4x the mean: 1 + 4 against 1, before scaling
+    assert summary["top_label_disagreement"] == pytest.approx(0.25)
+
+
+def test_disagreement_weights_cap_a_single_outlier() -> None:
+    from worker.training.distil import disagreement_weights
+
+    rows = _logit_rows([[0.1, 0.0, 0.0]] * 999 + [[0.0, 40.0, 0.0]])
+
+    def student(texts: list[str]) -> np.ndarray:  # right on every row but the last
+        return np.tile(np.array([[0.1, 0.0, 0.0]], np.float32), (len(texts), 1))
+
+    config = TrainConfig(disagreement_alpha=1.0, disagreement_cap=10.0)
+    weights, _ = disagreement_weights(iter(rows), student, config)
+    raw_max = 1 + config.disagreement_alpha * config.disagreement_cap
+    assert max(weights.values()) / min(weights.values()) == pytest.approx(raw_max, rel=1e-3)
+
+
+def test_row_weights_reach_the_training_rows_only_and_weigh_their_loss(tmp_path: Path) -> None:
+    from worker.loop.dataset import DatasetWriter, ShardRows
+    from worker.training.distil import stream_examples
+
+    n = 400
+    writer = DatasetWriter(tmp_path / "ds", "teacher@1", ("Action", "Other", "Recall"))
+    writer.write_shard(
+        "a",
+        ShardRows(
+            ids=[f"row-{i}" for i in range(n)],
+            texts=[f"text {i}" for i in range(n)],
+            locales=["en"] * n,
+            teacher_logits=list(np.zeros((n, 3), np.float32)),
+            teacher_labels=["Other"] * n,
+            sources=["test"] * n,
+        ),
+    )
+    weights = {f"row-{i}": 3.0 for i in range(n)}
+    train = list(stream_examples([tmp_path / "ds"], "train", TrainConfig(), weights))
+    valid = list(stream_examples([tmp_path / "ds"], "valid", TrainConfig(), weights))
+    assert train and valid
+    assert {e.weight for e in train} == {3.0}
+    assert {e.weight for e in valid} == {1.0}  # validation measures the plain objective
+    # A weight of 3 on every row is the plain loss times 3 in the first epoch's training loss.
+    tokenizer, vocab = _pruned()
+    config = TrainConfig(epochs=1, batch_size=4, warmup_epochs=0.0, threads=1, learning_rate=0.0)
+    student = StudentConfig(arch="bag", vocab_size=len(vocab), n_labels=3, embedding_dim=8, filters=4)  # type: ignore[arg-type]
+    rows = [Example(t, np.array([1.0, 0.0, -1.0], np.float32), "en") for t in CORPUS]
+    heavy = [replace(e, weight=3.0) for e in rows]
+    plain = train_student(student, None, tokenizer, lambda: iter(rows), lambda: iter(rows), config)
+    weighted = train_student(student, None, tokenizer, lambda: iter(heavy), lambda: iter(heavy), config)
+    assert weighted.history[0]["train_loss"] == pytest.approx(3 * plain.history[0]["train_loss"], rel=1e-5)
+    assert weighted.history[0]["valid_loss"] == pytest.approx(plain.history[0]["valid_loss"], rel=1e-5)

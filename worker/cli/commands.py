@@ -276,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-file", type=int, default=None, help="label at most this many rows of each file (default: all)"
     )
     cb.add_argument(
+        "--held-back",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="label only the rows the trainer holds back at this validation fraction (e.g. 0.05): "
+        "the evaluation slice of a corpus too big to label whole here",
+    )
+    cb.add_argument(
         "--augment",
         type=int,
         default=0,
@@ -362,6 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop after the epoch that would otherwise end past this many seconds of training "
         "(default: no limit); the best epoch so far is kept",
+    )
+    train.add_argument(
+        "--disagreement-student",
+        metavar="MODEL_DIR",
+        default=None,
+        help="weigh each training row's loss by this student's disagreement with the teacher "
+        "(KL; usually the student serving now), so the next one learns most where it is wrong",
+    )
+    train.add_argument(
+        "--disagreement-alpha",
+        type=float,
+        default=1.0,
+        help="with --disagreement-student: weight = 1 + alpha * min(KL / mean KL, 10), mean 1 (default: 1)",
     )
     train.add_argument(
         "--layers", default="0,11", help="pruned: teacher layers to keep, e.g. 0,11 or 0,5,11 or first4"

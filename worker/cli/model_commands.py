@@ -138,6 +138,10 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
             paths, split=args.split, with_translations=not args.no_translations, per_file=args.per_file
         )
     )
+    if args.held_back is not None:
+        from worker.loop.dataset import split_bucket
+
+        rows = [row for row in rows if split_bucket(row.id) < args.held_back]
     if args.augment:
         from worker.loop.augment import augment
 
@@ -241,6 +245,8 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         device=args.device,
         time_budget_s=args.time_budget,
         max_rows_per_locale=args.max_rows_per_locale,
+        disagreement_student=args.disagreement_student,
+        disagreement_alpha=args.disagreement_alpha,
     )
     request = TrainRequest(
         arch=args.arch,

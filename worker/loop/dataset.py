@@ -35,6 +35,7 @@ buffer_id, sampled_at, labelled_at.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import time
@@ -141,6 +142,17 @@ class ShardRows:
             },
             schema=SCHEMA,
         )
+
+
+def split_bucket(row_id: str) -> float:
+    """A stable number in [0, 1) from a row id: the trainer holds back rows below its validation
+    fraction, and every evaluation of held-back rows picks them the same way.
+
+    Only the part before a ``:`` counts, so a text and its translation (``id`` and
+    ``id:en``) always fall in the same split.
+    """
+    key = row_id.split(":", 1)[0]
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
 
 
 @contextlib.contextmanager

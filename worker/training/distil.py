@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,14 @@ import numpy.typing as npt
 import structlog
 from tokenizers import Tokenizer
 
-from worker.loop.dataset import iter_batches, read_manifest
+from worker.loop.dataset import iter_batches, read_manifest, split_bucket
 from worker.models.onnx import pad_batch
 from worker.training import require_torch
 from worker.training.students import StudentConfig, build_student
 
 torch = require_torch()
 log = structlog.get_logger(__name__)
+Logits = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,14 @@ class TrainConfig:
     #: Stop after the epoch whose successor would end past this many seconds of training
     #: (judged by the slowest epoch so far); None: no limit. The best epoch is kept as always.
     time_budget_s: float | None = None
+    #: Disagreement weighting: the model directory of a student (usually the one serving) whose
+    #: disagreement with the teacher weights each training row's loss (`disagreement_weights`);
+    #: None: every row weighs the same.
+    disagreement_student: str | None = None
+    #: How much more the most disagreeing rows weigh: w = 1 + alpha * min(KL / mean KL, cap),
+    #: then scaled to a mean of 1, so the learning rate means the same as without weights.
+    disagreement_alpha: float = 1.0
+    disagreement_cap: float = 10.0
 
 
 @dataclass
@@ -73,20 +82,18 @@ class Example:
     text: str
     target: npt.NDArray[np.float32] | int
     locale: str
+    row_id: str = ""
+    weight: float = 1.0  # the row's share of the training loss (1: unweighted)
 
 
-def split_bucket(row_id: str) -> float:
-    """A stable number in [0, 1) from a row id.
+def stream_examples(
+    datasets: Sequence[Path], part: str, config: TrainConfig, weights: Mapping[str, float] | None = None
+) -> Iterator[Example]:
+    """Rows of ``part`` ("train" or "valid") from distillation datasets, in shard order.
 
-    Only the part before a ``:`` counts, so a text and its translation (``id`` and
-    ``id:en``) always fall in the same split.
+    ``weights`` (row id -> weight, from `disagreement_weights`) weigh the training rows; a row
+    it does not name, and every validation row, weighs 1.
     """
-    key = row_id.split(":", 1)[0]
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
-
-
-def stream_examples(datasets: Sequence[Path], part: str, config: TrainConfig) -> Iterator[Example]:
-    """Rows of ``part`` ("train" or "valid") from distillation datasets, in shard order."""
     shares = locale_shares(datasets, config.max_rows_per_locale) if part == "train" else {}
     for directory in datasets:
         for batch in iter_batches(directory):
@@ -100,7 +107,53 @@ def stream_examples(datasets: Sequence[Path], part: str, config: TrainConfig) ->
                     1 - config.valid_fraction
                 ) >= config.fraction * shares.get(batch.locales[i], 1.0):
                     continue
-                yield Example(batch.texts[i], batch.teacher_logits[i], batch.locales[i])
+                weight = weights.get(row_id, 1.0) if weights is not None and part == "train" else 1.0
+                yield Example(batch.texts[i], batch.teacher_logits[i], batch.locales[i], row_id, weight)
+
+
+def disagreement_weights(
+    examples: Iterable[Example], student_logits: Callable[[Sequence[str]], Logits], config: TrainConfig
+) -> tuple[dict[str, float], dict[str, float]]:
+    """A loss weight per training row from how far ``student_logits`` is from its teacher logits.
+
+    The distance is KL(teacher || student) of the softmaxed logits. ``w = 1 + alpha *
+    min(KL / mean KL, cap)``, scaled to a mean of 1 over the rows. The cap keeps a few rows
+    (often noise the teacher itself is unsure of) from taking over the loss. Returns the weights
+    by row id and a summary (mean KL, the share of rows whose top label differs, weight
+    quantiles) for the card.
+    """
+    rows = [e for e in examples if isinstance(e.target, np.ndarray)]
+    if not rows:
+        return {}, {"rows": 0}
+    chunk = 4096
+    kl = np.empty(len(rows), np.float64)
+    disagree = np.empty(len(rows), bool)
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        teacher = np.stack([np.asarray(e.target, np.float32) for e in part]).astype(np.float64)
+        student = np.asarray(student_logits([e.text for e in part]), np.float64)
+        p_log = teacher - _logsumexp(teacher)
+        q_log = student - _logsumexp(student)
+        kl[start : start + len(part)] = (np.exp(p_log) * (p_log - q_log)).sum(axis=1)
+        disagree[start : start + len(part)] = teacher.argmax(axis=1) != student.argmax(axis=1)
+    mean_kl = float(kl.mean())
+    relative = np.minimum(kl / max(mean_kl, 1e-12), config.disagreement_cap)
+    raw = 1.0 + config.disagreement_alpha * relative
+    weights = raw / raw.mean()
+    summary = {
+        "rows": float(len(rows)),
+        "mean_kl": round(mean_kl, 5),
+        "top_label_disagreement": round(float(disagree.mean()), 5),
+        **{f"weight_q{q}": round(float(np.quantile(weights, q / 100)), 4) for q in (1, 50, 90, 99)},
+        "weight_max": round(float(weights.max()), 4),
+    }
+    return {e.row_id: float(w) for e, w in zip(rows, weights, strict=True)}, summary
+
+
+def _logsumexp(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    top = x.max(axis=1, keepdims=True)
+    result: npt.NDArray[np.float64] = top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))
+    return result
 
 
 def locale_shares(datasets: Sequence[Path], max_rows: int | None) -> dict[str, float]:
@@ -200,6 +253,9 @@ def train_student(
             target = torch.tensor([int(e.target) for e in batch], dtype=torch.int64, device=device)
             return ce(logits, target), len(batch)
         target = torch.from_numpy(np.stack([np.asarray(e.target, np.float32) for e in batch])).to(device)
+        if train and any(e.weight != 1.0 for e in batch):
+            weight = torch.tensor([e.weight for e in batch], dtype=torch.float32, device=device)
+            return (((logits - target) ** 2).sum(dim=1) * weight).mean(), len(batch)
         # Eq. 5: squared error summed over the classes, averaged over the batch.
         return mse(logits, target) * target.shape[1], len(batch)
 

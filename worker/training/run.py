@@ -23,10 +23,16 @@ import structlog
 from tokenizers import Tokenizer
 
 from worker.data.corpora import LabelledSet
-from worker.loop.dataset import read_manifest
+from worker.loop.dataset import read_manifest, split_bucket
 from worker.loop.label_sets import common_label_set
 from worker.models.onnx import label_names_id
-from worker.training.distil import Example, TrainConfig, split_bucket, stream_examples, train_student
+from worker.training.distil import (
+    Example,
+    TrainConfig,
+    disagreement_weights,
+    stream_examples,
+    train_student,
+)
 from worker.training.export import export_onnx, quantise_static, verify_parity
 from worker.training.students import StudentConfig, initial_embeddings
 from worker.training.vocab import count_pieces, prune
@@ -78,6 +84,7 @@ def train_model_dir(
 ) -> dict[str, Any]:
     """Run the whole pipeline; returns the card written to ``request.out/card.json``."""
     config = request.train
+    weighting: dict[str, Any] | None = None
     if request.labelled is not None:
         labels = request.labels
         label_set = label_names_id(labels)  # gold labels: the names are all there is
@@ -88,9 +95,10 @@ def train_model_dir(
             return lambda: _labelled_examples(data, labels, part, config)
     else:
         label_set, labels = common_label_set({str(d): read_manifest(d) for d in request.datasets})
+        weights, weighting = row_weights(request.datasets, labels, config)
 
         def source(part: str) -> Any:
-            return lambda: stream_examples(request.datasets, part, config)
+            return lambda: stream_examples(request.datasets, part, config, weights)
 
     train_source, valid_source = source("train"), source("valid")
     counts = count_pieces(teacher_tokenizer, (e.text for e in train_source()))
@@ -168,6 +176,7 @@ def train_model_dir(
         },
         "training": {
             **{k: v for k, v in config.__dict__.items()},
+            **({"disagreement_weighting": weighting} if weighting is not None else {}),
             "best_epoch": result.best_epoch,
             "seconds": round(result.seconds, 1),
             "history": result.history,
@@ -189,6 +198,34 @@ def train_model_dir(
     card = publish_model_dir(staging, out, card)
     checkpoint.unlink(missing_ok=True)
     return card
+
+
+def row_weights(
+    datasets: Sequence[Path], labels: Sequence[str], config: TrainConfig
+) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
+    """Loss weights by row id from ``config.disagreement_student``'s disagreement with the teacher
+    (`disagreement_weights`), and their summary for the card; (None, None) without one."""
+    if config.disagreement_student is None:
+        return None, None
+    from worker.models.student import Student, chunked_logits
+
+    student = Student(Path(config.disagreement_student), threads=config.threads)
+    if tuple(student.labels) != tuple(labels):
+        raise ValueError(
+            f"the disagreement student {config.disagreement_student} has labels {list(student.labels)}, "
+            f"the datasets {list(labels)}"
+        )
+    started = time.perf_counter()
+    weights, summary = disagreement_weights(
+        stream_examples(datasets, "train", config), lambda texts: chunked_logits(texts, student, 256), config
+    )
+    card: dict[str, Any] = {
+        **summary,
+        "student": str(student.version),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    log.info("disagreement_weights", **card)
+    return weights, card
 
 
 def checkpoint_path(out: Path) -> Path:
