@@ -300,7 +300,7 @@ def _logit_rows(targets: list[list[float]]) -> list[Example]:
 
 
 def test_disagreement_weights_favour_the_rows_the_student_gets_wrong_with_mean_one() -> None:
-    from worker.training.distil import disagreement_weights
+    from worker.training.targets import disagreement_weights
 
     rows = _logit_rows([[4.0, 0.0, 0.0]] * 6 + [[0.0, 4.0, 0.0]] * 2)
 
@@ -316,7 +316,7 @@ def test_disagreement_weights_favour_the_rows_the_student_gets_wrong_with_mean_o
 
 
 def test_disagreement_weights_cap_a_single_outlier() -> None:
-    from worker.training.distil import disagreement_weights
+    from worker.training.targets import disagreement_weights
 
     rows = _logit_rows([[0.1, 0.0, 0.0]] * 999 + [[0.0, 40.0, 0.0]])
 
@@ -362,3 +362,57 @@ def test_row_weights_reach_the_training_rows_only_and_weigh_their_loss(tmp_path:
     weighted = train_student(student, None, tokenizer, lambda: iter(heavy), lambda: iter(heavy), config)
     assert weighted.history[0]["train_loss"] == pytest.approx(3 * plain.history[0]["train_loss"], rel=1e-5)
     assert weighted.history[0]["valid_loss"] == pytest.approx(plain.history[0]["valid_loss"], rel=1e-5)
+
+
+def test_the_embedding_target_trains_a_projection_that_is_dropped_afterwards(tmp_path: Path) -> None:
+    tokenizer, vocab = _pruned()
+    student = StudentConfig(
+        arch="cnn", vocab_size=len(vocab), n_labels=3, embedding_dim=8, filters=4, kernel_sizes=(2, 3)
+    )  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    targets = rng.standard_normal((len(CORPUS), 6)).astype(np.float32)
+    targets /= np.linalg.norm(targets, axis=1, keepdims=True)
+    rows = [
+        Example(t, np.array([1.0, 0.0, -1.0], np.float32), "en", embedding=targets[i])
+        for i, t in enumerate(CORPUS)
+    ]
+    config = TrainConfig(
+        epochs=3, batch_size=4, warmup_epochs=0.0, patience=9, threads=1, embedding_weight=1.0
+    )
+    whole = train_student(student, None, tokenizer, lambda: iter(rows), lambda: iter(rows), config)
+    assert not hasattr(whole.model, "projection")  # only the classifier is exported
+    # The training loss holds the embedding terms; validation measures the logits alone.
+    plain = train_student(
+        student,
+        None,
+        tokenizer,
+        lambda: iter(rows),
+        lambda: iter(rows),
+        replace(config, embedding_weight=0.0),
+    )
+    assert whole.history[0]["train_loss"] > plain.history[0]["train_loss"]
+    checkpoint = tmp_path / "train.pt"
+    train_student(
+        student,
+        None,
+        tokenizer,
+        lambda: iter(rows),
+        lambda: iter(rows),
+        replace(config, epochs=1),
+        checkpoint,
+    )
+    resumed = train_student(
+        student, None, tokenizer, lambda: iter(rows), lambda: iter(rows), config, checkpoint
+    )
+    assert [e["valid_loss"] for e in resumed.history] == pytest.approx(
+        [e["valid_loss"] for e in whole.history]
+    )
+
+
+def test_the_embedding_target_without_embeddings_is_refused() -> None:
+    tokenizer, vocab = _pruned()
+    student = StudentConfig(arch="bag", vocab_size=len(vocab), n_labels=3, embedding_dim=8, filters=4)  # type: ignore[arg-type]
+    rows = [Example(t, np.array([1.0, 0.0, -1.0], np.float32), "en") for t in CORPUS]
+    config = TrainConfig(epochs=1, batch_size=4, threads=1, embedding_weight=1.0)
+    with pytest.raises(ValueError, match="teacher's embeddings"):
+        train_student(student, None, tokenizer, lambda: iter(rows), lambda: iter(rows), config)

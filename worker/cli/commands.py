@@ -385,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --disagreement-student: weight = 1 + alpha * min(KL / mean KL, 10), mean 1 (default: 1)",
     )
     train.add_argument(
+        "--embedding-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="cnn/bag: also pull a projection of the student's features to the teacher's sentence "
+        "embedding (MSE + 1 - cosine), weighted W beside the logit MSE (default 0: logits only; "
+        "embeds every training row with the teacher first, cached and resumable)",
+    )
+    train.add_argument(
         "--layers", default="0,11", help="pruned: teacher layers to keep, e.g. 0,11 or 0,5,11 or first4"
     )
     train.add_argument(

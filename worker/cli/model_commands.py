@@ -11,7 +11,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +247,10 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         max_rows_per_locale=args.max_rows_per_locale,
         disagreement_student=args.disagreement_student,
         disagreement_alpha=args.disagreement_alpha,
+        embedding_weight=args.embedding_weight,
     )
+    if pruned and args.embedding_weight > 0:
+        raise WorkerError("--embedding-weight is for cnn and bag students; the pruned one has --cosine")
     request = TrainRequest(
         arch=args.arch,
         out=Path(args.out),
@@ -264,6 +267,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         layers=_pruned_layers(args.layers) if pruned else (),
         mode=args.mode,
         cosine=args.cosine,
+        teacher_embeddings=_teacher_embedder(settings, args.threads) if args.embedding_weight > 0 else None,
     )
     if not request.datasets and labelled is None:
         raise WorkerError("train needs --data DATASET_DIR (or --supervised)")
@@ -357,28 +361,44 @@ def _pruned_layers(spec: str) -> tuple[int, ...]:
         raise WorkerError(f"--layers {spec!r}: {exc}") from exc
 
 
+def _teacher_embedder(settings: Settings, threads: int) -> Callable[[Sequence[str]], Any]:
+    """texts -> the embedded teacher's sentence embeddings, cached on disk 8,192 texts at a time,
+    so a long embedding pass that is stopped resumes where it was."""
+    from tqdm import tqdm
+
+    from worker.teacher import load_embedded_encoder
+    from worker.teacher.fit import embed_cached
+
+    encoder = load_embedded_encoder(settings.model_copy(update={"teacher_threads": threads}))
+    tag = f"{encoder.model_path}:{encoder.max_length}"
+    chunk = 8192
+
+    def embed(texts: Sequence[str]) -> Any:
+        import numpy as np
+
+        parts = []
+        with tqdm(total=len(texts), unit="utt", desc="teacher embeddings") as bar:
+            for start in range(0, len(texts), chunk):
+                part = list(texts[start : start + chunk])
+                parts.append(embed_cached(encoder, part, settings.cache_dir, tag))
+                bar.update(len(part))
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+    return embed
+
+
 def _train_pruned(
     settings: Settings, args: argparse.Namespace, request: Any, teacher_tokenizer: Any, e5: Any, key: str
 ) -> int:
     """The pruned-transformer student: its head is refit on the teacher head's own training rows."""
     from worker.data.corpora import load_labelled, massive_files, require_shared_data, shared_mapping
-    from worker.teacher import E5_PREFIX, load_embedded_encoder
+    from worker.teacher import E5_PREFIX
     from worker.training.pruned.run import HeadRecipe, PrunedInputs, train_pruned_model_dir
 
     shared = require_shared_data(settings.shared_data_dir)
     mapping = shared_mapping(shared)
     teacher_card = json.loads((settings.teacher_dir / "card.json").read_text())
-    teacher_embeddings: Any = None
-    if args.cosine:
-        from worker.teacher.fit import embed_cached
-
-        encoder = load_embedded_encoder(settings.model_copy(update={"teacher_threads": args.threads}))
-        tag = f"{encoder.model_path}:{encoder.max_length}"
-
-        def embed(texts: Sequence[str]) -> Any:
-            return embed_cached(encoder, list(texts), settings.cache_dir, tag)
-
-        teacher_embeddings = embed
+    teacher_embeddings = _teacher_embedder(settings, args.threads) if args.cosine else None
     inputs = PrunedInputs(
         head_data=load_labelled(massive_files(shared), mapping, split="train"),
         intent_labels={intent: label for intent, (label, _) in mapping.entries.items()},

@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,10 @@ from worker.loop.dataset import iter_batches, read_manifest, split_bucket
 from worker.models.onnx import pad_batch
 from worker.training import require_torch
 from worker.training.students import StudentConfig, build_student
+from worker.training.targets import embedding_loss
 
 torch = require_torch()
 log = structlog.get_logger(__name__)
-Logits = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ class TrainConfig:
     #: then scaled to a mean of 1, so the learning rate means the same as without weights.
     disagreement_alpha: float = 1.0
     disagreement_cap: float = 10.0
+    #: The teacher's sentence embedding as a second target (the me5s card's pair): a linear
+    #: projection of the student's features, L2-normalised, is pulled to the teacher's embedding
+    #: by MSE (summed over dimensions) + (1 - cosine), weighted by this beside the logit MSE;
+    #: 0: logits only. The projection is dropped after training; validation measures the logits.
+    embedding_weight: float = 0.0
 
 
 @dataclass
@@ -84,15 +89,21 @@ class Example:
     locale: str
     row_id: str = ""
     weight: float = 1.0  # the row's share of the training loss (1: unweighted)
+    embedding: npt.NDArray[np.float32] | None = None  # the teacher's sentence embedding, if targeted
 
 
 def stream_examples(
-    datasets: Sequence[Path], part: str, config: TrainConfig, weights: Mapping[str, float] | None = None
+    datasets: Sequence[Path],
+    part: str,
+    config: TrainConfig,
+    weights: Mapping[str, float] | None = None,
+    embeddings: Mapping[str, npt.NDArray[np.float32]] | None = None,
 ) -> Iterator[Example]:
     """Rows of ``part`` ("train" or "valid") from distillation datasets, in shard order.
 
     ``weights`` (row id -> weight, from `disagreement_weights`) weigh the training rows; a row
-    it does not name, and every validation row, weighs 1.
+    it does not name, and every validation row, weighs 1. ``embeddings`` (row id -> the
+    teacher's sentence embedding) go with the training rows they name.
     """
     shares = locale_shares(datasets, config.max_rows_per_locale) if part == "train" else {}
     for directory in datasets:
@@ -107,53 +118,12 @@ def stream_examples(
                     1 - config.valid_fraction
                 ) >= config.fraction * shares.get(batch.locales[i], 1.0):
                     continue
-                weight = weights.get(row_id, 1.0) if weights is not None and part == "train" else 1.0
-                yield Example(batch.texts[i], batch.teacher_logits[i], batch.locales[i], row_id, weight)
-
-
-def disagreement_weights(
-    examples: Iterable[Example], student_logits: Callable[[Sequence[str]], Logits], config: TrainConfig
-) -> tuple[dict[str, float], dict[str, float]]:
-    """A loss weight per training row from how far ``student_logits`` is from its teacher logits.
-
-    The distance is KL(teacher || student) of the softmaxed logits. ``w = 1 + alpha *
-    min(KL / mean KL, cap)``, scaled to a mean of 1 over the rows. The cap keeps a few rows
-    (often noise the teacher itself is unsure of) from taking over the loss. Returns the weights
-    by row id and a summary (mean KL, the share of rows whose top label differs, weight
-    quantiles) for the card.
-    """
-    rows = [e for e in examples if isinstance(e.target, np.ndarray)]
-    if not rows:
-        return {}, {"rows": 0}
-    chunk = 4096
-    kl = np.empty(len(rows), np.float64)
-    disagree = np.empty(len(rows), bool)
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        teacher = np.stack([np.asarray(e.target, np.float32) for e in part]).astype(np.float64)
-        student = np.asarray(student_logits([e.text for e in part]), np.float64)
-        p_log = teacher - _logsumexp(teacher)
-        q_log = student - _logsumexp(student)
-        kl[start : start + len(part)] = (np.exp(p_log) * (p_log - q_log)).sum(axis=1)
-        disagree[start : start + len(part)] = teacher.argmax(axis=1) != student.argmax(axis=1)
-    mean_kl = float(kl.mean())
-    relative = np.minimum(kl / max(mean_kl, 1e-12), config.disagreement_cap)
-    raw = 1.0 + config.disagreement_alpha * relative
-    weights = raw / raw.mean()
-    summary = {
-        "rows": float(len(rows)),
-        "mean_kl": round(mean_kl, 5),
-        "top_label_disagreement": round(float(disagree.mean()), 5),
-        **{f"weight_q{q}": round(float(np.quantile(weights, q / 100)), 4) for q in (1, 50, 90, 99)},
-        "weight_max": round(float(weights.max()), 4),
-    }
-    return {e.row_id: float(w) for e, w in zip(rows, weights, strict=True)}, summary
-
-
-def _logsumexp(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    top = x.max(axis=1, keepdims=True)
-    result: npt.NDArray[np.float64] = top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))
-    return result
+                train = part == "train"
+                weight = weights.get(row_id, 1.0) if weights is not None and train else 1.0
+                embedding = embeddings.get(row_id) if embeddings is not None and train else None
+                yield Example(
+                    batch.texts[i], batch.teacher_logits[i], batch.locales[i], row_id, weight, embedding
+                )
 
 
 def locale_shares(datasets: Sequence[Path], max_rows: int | None) -> dict[str, float]:
@@ -242,25 +212,44 @@ def train_student(
     rng = random.Random(config.seed)
     device = torch.device(config.device)
     model = build_student(student_config, embeddings).to(device)
+    train_rows, target_dim = 0, 0
+    for example in train_source():
+        train_rows += 1
+        if not target_dim and example.embedding is not None:
+            target_dim = len(example.embedding)
+    if config.embedding_weight > 0:
+        if not target_dim:
+            raise ValueError("embedding_weight > 0 needs the teacher's embeddings on the training rows")
+        # A submodule, so the optimiser, the checkpoint and resuming carry it; export never
+        # sees it (forward does not use it), and it is dropped once training ends.
+        model.projection = torch.nn.Linear(model.feature_dim, target_dim).to(device)
     optimiser = _Optimiser(model, config.learning_rate, sparse=config.sparse_embeddings)
     mse = torch.nn.MSELoss()
     ce = torch.nn.CrossEntropyLoss()
 
     def loss_of(batch: list[Example], train: bool) -> tuple[Any, int]:
         ids, mask = encode(tokenizer, [e.text for e in batch], config.max_length)
-        logits = model(ids.to(device), mask.to(device))
+        with_embedding = train and config.embedding_weight > 0
+        if with_embedding:
+            features = model.features(ids.to(device), mask.to(device))
+            logits = model.out(model.dropout(features))
+        else:
+            logits = model(ids.to(device), mask.to(device))
         if config.objective == "ce":
             target = torch.tensor([int(e.target) for e in batch], dtype=torch.int64, device=device)
             return ce(logits, target), len(batch)
         target = torch.from_numpy(np.stack([np.asarray(e.target, np.float32) for e in batch])).to(device)
         if train and any(e.weight != 1.0 for e in batch):
             weight = torch.tensor([e.weight for e in batch], dtype=torch.float32, device=device)
-            return (((logits - target) ** 2).sum(dim=1) * weight).mean(), len(batch)
-        # Eq. 5: squared error summed over the classes, averaged over the batch.
-        return mse(logits, target) * target.shape[1], len(batch)
+            loss = (((logits - target) ** 2).sum(dim=1) * weight).mean()
+        else:
+            # Eq. 5: squared error summed over the classes, averaged over the batch.
+            loss = mse(logits, target) * target.shape[1]
+        if with_embedding:
+            loss = loss + config.embedding_weight * embedding_loss(model.projection(features), batch)
+        return loss, len(batch)
 
     valid = list(valid_source())
-    train_rows = sum(1 for _ in train_source())
     steps_per_epoch = max(1, math.ceil(train_rows / config.batch_size))
     warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
     state = _TrainState(rate=config.learning_rate)
@@ -323,6 +312,8 @@ def train_student(
             break
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
+    if config.embedding_weight > 0:
+        del model.projection
     model = model.cpu()
     model.eval()
     return TrainResult(model, state.history, state.best_epoch, train_rows, len(valid), progress.elapsed())

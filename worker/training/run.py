@@ -13,12 +13,13 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 from tokenizers import Tokenizer
 
@@ -29,12 +30,12 @@ from worker.models.onnx import label_names_id
 from worker.training.distil import (
     Example,
     TrainConfig,
-    disagreement_weights,
     stream_examples,
     train_student,
 )
 from worker.training.export import export_onnx, quantise_static, verify_parity
 from worker.training.students import StudentConfig, initial_embeddings
+from worker.training.targets import disagreement_weights
 from worker.training.vocab import count_pieces, prune
 
 log = structlog.get_logger(__name__)
@@ -61,6 +62,8 @@ class TrainRequest:
     layers: tuple[int, ...] = ()
     mode: str = "refit"
     cosine: bool = False
+    # texts -> the teacher's sentence embeddings, for ``train.embedding_weight > 0``
+    teacher_embeddings: Callable[[Sequence[str]], npt.NDArray[np.float32]] | None = None
 
 
 def _labelled_examples(
@@ -96,9 +99,10 @@ def train_model_dir(
     else:
         label_set, labels = common_label_set({str(d): read_manifest(d) for d in request.datasets})
         weights, weighting = row_weights(request.datasets, labels, config)
+        targets = embedding_targets(request, config)
 
         def source(part: str) -> Any:
-            return lambda: stream_examples(request.datasets, part, config, weights)
+            return lambda: stream_examples(request.datasets, part, config, weights, targets)
 
     train_source, valid_source = source("train"), source("valid")
     counts = count_pieces(teacher_tokenizer, (e.text for e in train_source()))
@@ -154,7 +158,13 @@ def train_model_dir(
         "architecture": student_config.to_json(),
         "objective": "cross-entropy on gold labels (S_sup)"
         if config.objective == "ce"
-        else "MSE between student and teacher logits",
+        else "MSE between student and teacher logits"
+        + (
+            f" + {config.embedding_weight:g} x (MSE + 1 - cosine) of a projection against the "
+            "teacher's sentence embedding"
+            if config.embedding_weight > 0
+            else ""
+        ),
         "teacher": teacher_id,
         "labels": list(labels),
         "label_set": label_set,
@@ -226,6 +236,22 @@ def row_weights(
     }
     log.info("disagreement_weights", **card)
     return weights, card
+
+
+def embedding_targets(
+    request: TrainRequest, config: TrainConfig
+) -> dict[str, npt.NDArray[np.float32]] | None:
+    """The teacher's sentence embedding of every training row, by row id, when the run targets
+    them (``embedding_weight > 0``); None otherwise."""
+    if config.embedding_weight <= 0:
+        return None
+    if request.teacher_embeddings is None:
+        raise ValueError("embedding_weight > 0 needs the teacher's sentence embeddings (teacher_embeddings)")
+    rows = [(e.row_id, e.text) for e in stream_examples(request.datasets, "train", config)]
+    started = time.perf_counter()
+    vectors = request.teacher_embeddings([text for _, text in rows])
+    log.info("embedding_targets", rows=len(rows), seconds=round(time.perf_counter() - started, 1))
+    return {row_id: vectors[i] for i, (row_id, _) in enumerate(rows)}
 
 
 def checkpoint_path(out: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Student architectures (torch). Both map ``input_ids, attention_mask -> logits``.
+"""Student architectures (torch). Both map ``input_ids, attention_mask -> logits``, and offer
+``features`` (what their output layer reads) for a second, sentence-embedding target.
 
 - `CnnStudent`, the paper's: subword embeddings, five 1-D convolutions (kernels 2-6 by
   default), max-pooling over time, concatenation, dropout on embeddings and filters, and a
@@ -65,7 +66,15 @@ class CnnStudent(nn.Module):
         self.out = nn.Linear(config.filters * len(config.kernel_sizes), config.n_labels)
         self.widest = max(config.kernel_sizes)
 
+    @property
+    def feature_dim(self) -> int:
+        return self.config.filters * len(self.config.kernel_sizes)
+
     def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+        return self.out(self.dropout(self.features(input_ids, attention_mask)))
+
+    def features(self, input_ids: Any, attention_mask: Any) -> Any:
+        """The pooled filters the output layer reads: [B, filters * kernels]."""
         lengths = attention_mask.sum(dim=1)
         x = self.dropout(self.embedding(input_ids))  # [B, T, E]
         # Always pad by widest - 1: T' >= widest for any input, with no shape-dependent branch
@@ -78,7 +87,7 @@ class CnnStudent(nn.Module):
             valid = starts[None, :] < torch.clamp(lengths - kernel + 1, min=1)[:, None]
             h = h.masked_fill(~valid[:, None, :], float("-inf"))
             pooled.append(torch.relu(h.amax(dim=2)))
-        return self.out(self.dropout(torch.cat(pooled, dim=1)))
+        return torch.cat(pooled, dim=1)
 
 
 class BagStudent(nn.Module):
@@ -90,11 +99,19 @@ class BagStudent(nn.Module):
         self.hidden = nn.Linear(config.embedding_dim, config.bag_hidden)
         self.out = nn.Linear(config.bag_hidden, config.n_labels)
 
+    @property
+    def feature_dim(self) -> int:
+        return self.config.bag_hidden
+
     def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+        return self.out(self.dropout(self.features(input_ids, attention_mask)))
+
+    def features(self, input_ids: Any, attention_mask: Any) -> Any:
+        """The hidden layer the output layer reads: [B, bag_hidden]."""
         mask = attention_mask.unsqueeze(2).to(torch.float32)
         x = self.dropout(self.embedding(input_ids)) * mask
         mean = x.sum(dim=1) / torch.clamp(mask.sum(dim=1), min=1.0)
-        return self.out(self.dropout(torch.relu(self.hidden(mean))))
+        return torch.relu(self.hidden(mean))
 
 
 def build_student(config: StudentConfig, embeddings: npt.NDArray[np.float32] | None = None) -> Any:
