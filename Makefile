@@ -12,6 +12,7 @@ ML ?= build/students-ml
 # Torch device for labelling and training: cpu, or cuda (labels all the traffic in a minute).
 DEVICE ?= cpu
 STUDENTS ?= build/students
+LEVERS ?= build/levers
 
 .DEFAULT_GOAL := help
 
@@ -57,11 +58,18 @@ traffic: setup ## Label 6,000 rows per language of ../shared/data/traffic with t
 traffic-all: setup ## Label all 315,745 traffic rows into $(TRAFFIC_ALL) (resumable; hours on 2 cores, a minute with DEVICE=cuda)
 	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --out $(TRAFFIC_ALL)
 
+# The shipped student's recipe (`make student`); the levers (`make levers`) change one thing each.
+STUDENT_RECIPE := --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 \
+	--epochs 5 --patience 2 --plateau-factor 0.5 --min-delta 0.002 --batch-size 256 --lr 0.0015 \
+	--sparse-embeddings --data $(DATASET) $(TRAFFIC)
+
 student: corpus traffic ## Reproduce the shipped multilingual student in models/student (INT8 CNN; resumable, ~40 min on 2 cores)
-	$(BIN)/intent-worker train --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 \
-		--epochs 5 --patience 2 --plateau-factor 0.5 --min-delta 0.002 --batch-size 256 --lr 0.0015 \
-		--sparse-embeddings --data $(DATASET) $(TRAFFIC) --out models/student
+	$(BIN)/intent-worker train $(STUDENT_RECIPE) --out models/student
 	rm -f models/student/fp32.onnx
+
+levers: corpus traffic ## The shipped student's recipe with one lever each, into $(LEVERS): disagreement-weighted rows, the teacher's sentence embedding as a second target (resumable; ~1.5 h on 2 cores)
+	$(BIN)/intent-worker train $(STUDENT_RECIPE) --disagreement-student models/student --out $(LEVERS)/disagreement
+	$(BIN)/intent-worker train $(STUDENT_RECIPE) --embedding-weight 1 --out $(LEVERS)/embedding
 
 cascade: corpus traffic-all ## The all-traffic students and their cascade into $(ML): cnn, pruned-0-11, cascade (DEVICE=cuda: ~10 min; hours on 2 cores)
 	$(BIN)/intent-worker train --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 192 --min-count 3 \
@@ -105,4 +113,4 @@ label-set-demo: corpus ## A new label set through the loop on real services: zer
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus traffic traffic-all student cascade bench-multilingual bench-cascade students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus traffic traffic-all student levers cascade bench-multilingual bench-cascade students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean
