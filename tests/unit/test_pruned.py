@@ -205,7 +205,9 @@ def test_guarded_int8_keeps_parity_and_leaves_norms_float(tmp_path: Path) -> Non
     quantised = sum(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops)
     assert quantised == 5 * 2  # q, k, v, ao, fi per layer and nothing else
     assert ops.count("LayerNormalization") == 1 + 2 * 2 and "Erf" in ops and "Softmax" in ops
-    assert int8.stat().st_size < 0.6 * fp32.stat().st_size
+    # The FFN output projections are stored INT8 and multiplied in float.
+    assert ops.count("DequantizeLinear") == 2
+    assert int8.stat().st_size < 0.45 * fp32.stat().st_size
 
 
 def _dataset(path: Path) -> Path:

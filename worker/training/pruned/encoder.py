@@ -243,7 +243,8 @@ def quantise_naive(fp32: Path, int8: Path) -> Path:
 
 
 def quantise_guarded(fp32: Path, int8: Path, quantise_embedding: bool = True) -> Path:
-    """Per-channel dynamic INT8 on `encoder_weight_matmuls`, plus a per-row INT8 embedding table.
+    """Per-channel dynamic INT8 on `encoder_weight_matmuls`, weight-only INT8 on `WEIGHT_ONLY`,
+    plus a per-row INT8 embedding table.
 
     The embedding table is most of a pruned model's bytes. It is stored as INT8 with one float
     scale per row (symmetric, ``max|row| / 127``) and dequantised after the Gather, so only the
@@ -263,11 +264,51 @@ def quantise_guarded(fp32: Path, int8: Path, quantise_embedding: bool = True) ->
         weight_type=QuantType.QInt8,
         extra_options={"MatMulConstBOnly": True},
     )
+    quantised = onnx.load(str(int8))
     if quantise_embedding:
-        quantised = onnx.load(str(int8))
         _quantise_embedding_rows(quantised, "emb.word")
-        onnx.save(quantised, str(int8))
+    _weight_only_int8(quantised, WEIGHT_ONLY)
+    onnx.save(quantised, str(int8))
     return int8
+
+
+# Weights stored INT8 but multiplied in float: the FFN output projection, whose GELU input
+# wrecks activation scales (see QUANTISED_WEIGHTS). Per output column scales, dequantised by a
+# DequantizeLinear on the initializer, so no activation is ever quantised for it.
+WEIGHT_ONLY = (".fo.wT",)
+
+
+def _weight_only_int8(model: onnx.ModelProto, suffixes: Sequence[str]) -> None:
+    graph = model.graph
+    for node in list(graph.node):
+        if node.op_type != "MatMul" or not node.input[1].endswith(tuple(suffixes)):
+            continue
+        name = node.input[1]
+        index = next((i for i, t in enumerate(graph.initializer) if t.name == name), None)
+        if index is None:
+            continue
+        weight = numpy_helper.to_array(graph.initializer[index]).astype(np.float32)  # [in, out]
+        scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / 127.0
+        codes = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
+        del graph.initializer[index]
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes, f"{name}.int8"),
+                numpy_helper.from_array(scale.astype(np.float32), f"{name}.scale"),
+                numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}.zero"),
+            ]
+        )
+        position = list(graph.node).index(node)
+        graph.node.insert(
+            position,
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{name}.int8", f"{name}.scale", f"{name}.zero"],
+                [name],
+                name=f"{name}.dequantised",
+                axis=1,
+            ),
+        )
 
 
 def _quantise_embedding_rows(model: onnx.ModelProto, name: str) -> None:
