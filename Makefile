@@ -82,6 +82,9 @@ cascade: corpus traffic-all ## The all-traffic students and their cascade into $
 bench-multilingual: setup ## Per-language agreement (xSID, MASSIVE, held-back traffic of all rows, smoke fixture) of models/student: benchmarks/results/multilingual.*
 	$(BIN)/python benchmarks/multilingual.py --traffic $(TRAFFIC_ALL) models/student
 
+bench-embedding-bits: setup ## 4-bit embedding tables against INT8 for models/student and $(LEVERS)/*: size, parity, p50: benchmarks/results/embedding_4bit.json
+	$(BIN)/python benchmarks/embedding_bits.py models/student $(wildcard $(LEVERS)/disagreement $(LEVERS)/embedding)
+
 bench-cascade: setup ## Cascade of $(ML)/cnn and $(ML)/pruned-0-11: agreement, escalation and mean cost per threshold and language: benchmarks/results/cascade.*
 	$(BIN)/python benchmarks/cascade.py --traffic $(TRAFFIC_ALL) $(ML)/cnn $(ML)/pruned-0-11
 
@@ -113,4 +116,4 @@ label-set-demo: corpus ## A new label set through the loop on real services: zer
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus traffic traffic-all student levers cascade bench-multilingual bench-cascade students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus traffic traffic-all student levers cascade bench-multilingual bench-embedding-bits bench-cascade students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean

@@ -108,7 +108,9 @@ def main() -> None:
                     "mean_abs_logit_error_vs_int8": round(float(np.abs(logits - reference).mean()), 5),
                 }
                 variants[f"g{group}"] = student
-            entry["p50_ms_1_thread"] = p50_ms(variants, texts[: args.speed_texts], args.rounds)
+            p50 = p50_ms(variants, texts[: args.speed_texts], args.rounds)
+            entry["p50_ms_1_thread"] = p50
+            entry["p50_ratio_to_int8"] = {name: round(ms / p50["int8"], 3) for name, ms in p50.items()}
             result["models"][str(directory)] = entry
             print(entry)
     finally:

@@ -29,3 +29,34 @@ def test_every_command_has_a_handler_function() -> None:
     assert {("promote",), ("rollback",), ("models",), ("run",)} <= set(leaves)
     wrong = {" ".join(path): handler for path, handler in leaves.items() if not inspect.isfunction(handler)}
     assert wrong == {}
+
+
+def _train_args(*extra: str) -> argparse.Namespace:
+    return build_parser().parse_args(["train", "--data", "ds", "--out", "out", *extra])
+
+
+def test_lever_flags_a_student_would_ignore_are_refused_before_anything_loads() -> None:
+    import pytest
+
+    from worker.cli.model_commands import _check_levers
+    from worker.errors import WorkerError
+
+    refused = {
+        "pruned students take no row weights": ("--arch", "pruned", "--disagreement-student", "m"),
+        "S_sup has no teacher to disagree with": (
+            "--arch",
+            "cnn",
+            "--supervised",
+            "--disagreement-student",
+            "m",
+        ),
+        "pruned students have --cosine": ("--arch", "pruned", "--embedding-weight", "1"),
+        "S_sup has no teacher embedding": ("--arch", "cnn", "--supervised", "--embedding-weight", "1"),
+        "a negative alpha": ("--arch", "cnn", "--disagreement-student", "m", "--disagreement-alpha", "-1"),
+        "a negative weight": ("--arch", "cnn", "--embedding-weight", "-0.5"),
+    }
+    for why, flags in refused.items():
+        with pytest.raises(WorkerError):
+            _check_levers(_train_args(*flags))
+            pytest.fail(why)
+    _check_levers(_train_args("--arch", "cnn", "--disagreement-student", "m", "--embedding-weight", "1"))

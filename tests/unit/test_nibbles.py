@@ -51,7 +51,14 @@ def _gather_model(table: np.ndarray, quantised: bool) -> tuple[object, str]:
     else:
         inits.append(numpy_helper.from_array(table, "w"))
     nodes.append(helper.make_node("Gather", ["w", "ids"], ["emb"], name="gather"))
-    nodes.append(helper.make_node("Identity", ["emb"], ["out"], name="out"))
+    if quantised:  # and requantises the gathered rows on the table's grid
+        nodes.append(helper.make_node("QuantizeLinear", ["emb", "w_scale", "w_zero"], ["emb_q"], name="q"))
+        nodes.append(
+            helper.make_node("DequantizeLinear", ["emb_q", "w_scale", "w_zero"], ["emb_dq"], name="dq2")
+        )
+        nodes.append(helper.make_node("Identity", ["emb_dq"], ["out"], name="out"))
+    else:
+        nodes.append(helper.make_node("Identity", ["emb"], ["out"], name="out"))
     graph = helper.make_graph(
         nodes,
         "g",
@@ -68,8 +75,11 @@ def test_the_rewritten_gather_returns_the_packed_rows(quantised: bool) -> None:
     model, name = _gather_model(table, quantised)
     sizes = embedding_to_4bit(model, name, group=16)  # type: ignore[arg-type]
     assert sizes["rows"] == 50
+    assert sizes["requantisation_removed"] == int(quantised)
     left = {t.name for t in model.graph.initializer}  # type: ignore[attr-defined]
-    assert "w" not in left and "w_q" not in left  # the old table is gone
+    assert not left & {"w", "w_q", "w_scale", "w_zero"}  # the old table and its grid are gone
+    ops = {n.op_type for n in model.graph.node}  # type: ignore[attr-defined]
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"}
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
     ids = np.array([[0, 3, 49], [7, 7, 1]], np.int64)
     (got,) = session.run(["out"], {"ids": ids})

@@ -6,6 +6,7 @@ import functools
 import json
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -304,7 +305,7 @@ def test_disagreement_weights_favour_the_rows_the_student_gets_wrong_with_mean_o
 
     rows = _logit_rows([[4.0, 0.0, 0.0]] * 6 + [[0.0, 4.0, 0.0]] * 2)
 
-    def student(texts: list[str]) -> np.ndarray:  # always says label 0
+    def student(texts: Sequence[str]) -> np.ndarray:  # always says label 0
         return np.tile(np.array([[4.0, 0.0, 0.0]], np.float32), (len(texts), 1))
 
     weights, summary = disagreement_weights(iter(rows), student, TrainConfig(disagreement_alpha=1.0))
@@ -320,7 +321,7 @@ def test_disagreement_weights_cap_a_single_outlier() -> None:
 
     rows = _logit_rows([[0.1, 0.0, 0.0]] * 999 + [[0.0, 40.0, 0.0]])
 
-    def student(texts: list[str]) -> np.ndarray:  # right on every row but the last
+    def student(texts: Sequence[str]) -> np.ndarray:  # right on every row but the last
         return np.tile(np.array([[0.1, 0.0, 0.0]], np.float32), (len(texts), 1))
 
     config = TrainConfig(disagreement_alpha=1.0, disagreement_cap=10.0)
@@ -367,8 +368,13 @@ def test_row_weights_reach_the_training_rows_only_and_weigh_their_loss(tmp_path:
 def test_the_embedding_target_trains_a_projection_that_is_dropped_afterwards(tmp_path: Path) -> None:
     tokenizer, vocab = _pruned()
     student = StudentConfig(
-        arch="cnn", vocab_size=len(vocab), n_labels=3, embedding_dim=8, filters=4, kernel_sizes=(2, 3)
-    )  # type: ignore[arg-type]
+        arch="cnn",
+        vocab_size=len(vocab),  # type: ignore[arg-type]
+        n_labels=3,
+        embedding_dim=8,
+        filters=4,
+        kernel_sizes=(2, 3),
+    )
     rng = np.random.default_rng(0)
     targets = rng.standard_normal((len(CORPUS), 6)).astype(np.float32)
     targets /= np.linalg.norm(targets, axis=1, keepdims=True)

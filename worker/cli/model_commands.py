@@ -141,6 +141,9 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
     if args.held_back is not None:
         from worker.loop.dataset import split_bucket
 
+        if not 0 < args.held_back <= 1:
+            raise WorkerError("--held-back is the validation fraction: more than 0, at most 1")
+
         rows = [row for row in rows if split_bucket(row.id) < args.held_back]
     if args.augment:
         from worker.loop.augment import augment
@@ -213,6 +216,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
     from worker.training.distil import TrainConfig
     from worker.training.run import TrainRequest, train_model_dir
 
+    _check_levers(args)
     e5_path = default_weights_path(settings.teacher_weights)
     files = ensure_encoder(settings.cache_dir, e5_path, settings.teacher_max_length)
     teacher_tokenizer = Tokenizer.from_file(str(files.tokenizer))
@@ -249,8 +253,10 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         disagreement_alpha=args.disagreement_alpha,
         embedding_weight=args.embedding_weight,
     )
-    if pruned and args.embedding_weight > 0:
-        raise WorkerError("--embedding-weight is for cnn and bag students; the pruned one has --cosine")
+    embedder = None
+    if args.embedding_weight > 0:
+        _check_embedding_teacher([Path(d) for d in args.data or ()], f"e5-small-intent@{files.key[:8]}.")
+        embedder = _teacher_embedder(settings, args.threads)
     request = TrainRequest(
         arch=args.arch,
         out=Path(args.out),
@@ -267,7 +273,8 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         layers=_pruned_layers(args.layers) if pruned else (),
         mode=args.mode,
         cosine=args.cosine,
-        teacher_embeddings=_teacher_embedder(settings, args.threads) if args.embedding_weight > 0 else None,
+        teacher_embeddings=embedder,
+        teacher_embeddings_id=f"e5-small@{files.key[:8]}" if embedder is not None else "",
     )
     if not request.datasets and labelled is None:
         raise WorkerError("train needs --data DATASET_DIR (or --supervised)")
@@ -361,9 +368,38 @@ def _pruned_layers(spec: str) -> tuple[int, ...]:
         raise WorkerError(f"--layers {spec!r}: {exc}") from exc
 
 
+def _check_levers(args: argparse.Namespace) -> None:
+    """Refuse lever flags that the chosen student or objective would silently ignore."""
+    if args.disagreement_student is not None and (args.supervised or args.arch == "pruned"):
+        raise WorkerError("--disagreement-student weighs distillation rows of cnn and bag students only")
+    if args.disagreement_alpha < 0:
+        raise WorkerError("--disagreement-alpha must be 0 or more")
+    if args.embedding_weight < 0:
+        raise WorkerError("--embedding-weight must be 0 or more")
+    if args.embedding_weight > 0 and (args.supervised or args.arch == "pruned"):
+        raise WorkerError(
+            "--embedding-weight is for distilling cnn and bag students (the pruned one has --cosine)"
+        )
+
+
+def _check_embedding_teacher(datasets: Sequence[Path], prefix: str) -> None:
+    """The sentence embeddings come from the embedded e5 encoder: refuse datasets another teacher
+    labelled, whose logits that embedding would not match."""
+    from worker.loop.dataset import read_manifest
+
+    for directory in datasets:
+        teacher = str(read_manifest(directory).get("teacher", {}).get("id", ""))
+        if not teacher.startswith(prefix):
+            raise WorkerError(
+                f"--embedding-weight targets the embedded e5 teacher's sentence embedding, but "
+                f"{directory} was labelled by {teacher or 'an unnamed teacher'}"
+            )
+
+
 def _teacher_embedder(settings: Settings, threads: int) -> Callable[[Sequence[str]], Any]:
     """texts -> the embedded teacher's sentence embeddings, cached on disk 8,192 texts at a time,
-    so a long embedding pass that is stopped resumes where it was."""
+    so a long embedding pass that is stopped resumes where it was (for the same list of texts:
+    the chunks are keyed by their texts, so another ``--fraction`` misses the cache)."""
     from tqdm import tqdm
 
     from worker.teacher import load_embedded_encoder
@@ -376,13 +412,15 @@ def _teacher_embedder(settings: Settings, threads: int) -> Callable[[Sequence[st
     def embed(texts: Sequence[str]) -> Any:
         import numpy as np
 
-        parts = []
+        out: Any = None
         with tqdm(total=len(texts), unit="utt", desc="teacher embeddings") as bar:
             for start in range(0, len(texts), chunk):
-                part = list(texts[start : start + chunk])
-                parts.append(embed_cached(encoder, part, settings.cache_dir, tag))
+                part = embed_cached(encoder, list(texts[start : start + chunk]), settings.cache_dir, tag)
+                if out is None:
+                    out = np.empty((len(texts), part.shape[1]), np.float32)
+                out[start : start + len(part)] = part
                 bar.update(len(part))
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        return out if out is not None else np.zeros((0, 0), np.float32)
 
     return embed
 

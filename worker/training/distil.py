@@ -76,8 +76,8 @@ class TrainConfig:
     disagreement_alpha: float = 1.0
     disagreement_cap: float = 10.0
     #: The teacher's sentence embedding as a second target (the me5s card's pair): a linear
-    #: projection of the student's features, L2-normalised, is pulled to the teacher's embedding
-    #: by MSE (summed over dimensions) + (1 - cosine), weighted by this beside the logit MSE;
+    #: projection of the student's features is pulled to the teacher's embedding by MSE (summed
+    #: over dimensions) + (1 - cosine), weighted by this beside the logit MSE;
     #: 0: logits only. The projection is dropped after training; validation measures the logits.
     embedding_weight: float = 0.0
 
@@ -199,6 +199,7 @@ def train_student(
     valid_source: Any,
     config: TrainConfig,
     checkpoint: Path | None = None,
+    fingerprint_extra: str = "",
 ) -> TrainResult:
     """Train with Adam, linear warm-up, and early stopping on the validation loss.
 
@@ -253,7 +254,7 @@ def train_student(
     steps_per_epoch = max(1, math.ceil(train_rows / config.batch_size))
     warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
     state = _TrainState(rate=config.learning_rate)
-    fingerprint = _fingerprint(student_config, config, tokenizer, train_rows)
+    fingerprint = _fingerprint(student_config, config, tokenizer, train_rows, fingerprint_extra)
     if checkpoint is not None and checkpoint.exists():
         state = _resume(checkpoint, fingerprint, model, optimiser, rng)
     progress = _Progress(train_rows, config.epochs, before=state.seconds)
@@ -366,15 +367,29 @@ class _TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _fingerprint(student_config: StudentConfig, config: TrainConfig, tokenizer: Tokenizer, rows: int) -> str:
-    """What a checkpoint must match to be resumed: the model, the schedule, the vocabulary, the data."""
+def _fingerprint(
+    student_config: StudentConfig, config: TrainConfig, tokenizer: Tokenizer, rows: int, extra: str = ""
+) -> str:
+    """What a checkpoint must match to be resumed: the model, the schedule, the vocabulary, the data
+    (and ``extra``: what the config's paths stood for)."""
     ignored = ("threads", "epochs", "patience", "device", "time_budget_s")
-    schedule = {k: v for k, v in asdict(config).items() if k not in ignored}
+    defaults = asdict(TrainConfig())
+    schedule = {
+        k: v
+        for k, v in asdict(config).items()
+        # A lever left at its default leaves the fingerprint as it was before the lever existed.
+        if k not in ignored and not (k in _LEVERS and v == defaults[k])
+    }
     digest = hashlib.sha256(
         json.dumps([student_config.to_json(), schedule, rows], sort_keys=True, default=str).encode()
     )
     digest.update(tokenizer.to_str().encode())
+    if extra:
+        digest.update(extra.encode())
     return digest.hexdigest()[:16]
+
+
+_LEVERS = ("disagreement_student", "disagreement_alpha", "disagreement_cap", "embedding_weight")
 
 
 def _save(

@@ -8,7 +8,8 @@ Sub, Concat, Reshape), so only the rows in the batch are ever touched and any on
 
 `embedding_to_4bit` rewrites a model in place: the Gather that reads the table (a float
 initializer, or the output of a DequantizeLinear of one, as static QDQ writes it) becomes the
-4-bit gather, with the same output name, so whatever followed it is unchanged.
+4-bit gather, with the same output name, so whatever followed it is unchanged (except a
+static-QDQ requantisation right after it, which is removed: see `_bypass_requantisation`).
 """
 
 from __future__ import annotations
@@ -143,11 +144,39 @@ def embedding_to_4bit(model: onnx.ModelProto, table: str, group: int = 32) -> di
     scaled = node("Mul", [node("Reshape", [centred, by_group], "grouped"), scale], "scaled")
     graph.node.insert(position + len(new_nodes), helper.make_node("Reshape", [scaled, flat], [out], name=out))
     _drop_unused(graph, made_from)
+    bypassed = _bypass_requantisation(graph, out)
     return {
         "codes_bytes": int(codes.nbytes),
         "scales_bytes": int(scales.nbytes),
         "rows": int(values.shape[0]),
+        "requantisation_removed": int(bypassed),
     }
+
+
+def _bypass_requantisation(graph: onnx.GraphProto, out: str) -> bool:
+    """Static QDQ follows the embedding Gather with a QuantizeLinear/DequantizeLinear pair on the
+    old table's per-tensor scale; left in place it would round the 4-bit rows onto that INT8 grid
+    again. When ``out`` feeds only such a pair, its readers read ``out`` instead."""
+    readers = [n for n in graph.node if out in n.input]
+    if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+        return False
+    quantise = readers[0]
+    dequantise = [n for n in graph.node if quantise.output[0] in n.input]
+    if not dequantise or any(n.op_type != "DequantizeLinear" for n in dequantise):
+        return False
+    if any(o.name in {quantise.output[0], *(n.output[0] for n in dequantise)} for o in graph.output):
+        return False
+    leftovers = list(quantise.input[1:])
+    for node in dequantise:
+        for reader in graph.node:
+            for i, name in enumerate(reader.input):
+                if name == node.output[0]:
+                    reader.input[i] = out
+        leftovers += list(node.input[1:])
+        graph.node.remove(node)
+    graph.node.remove(quantise)
+    _drop_unused(graph, [name for name in leftovers if name])
+    return True
 
 
 def _drop_unused(graph: onnx.GraphProto, names: list[str]) -> None:

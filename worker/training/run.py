@@ -62,8 +62,10 @@ class TrainRequest:
     layers: tuple[int, ...] = ()
     mode: str = "refit"
     cosine: bool = False
-    # texts -> the teacher's sentence embeddings, for ``train.embedding_weight > 0``
+    # texts -> the teacher's sentence embeddings, for ``train.embedding_weight > 0``, and what
+    # identifies them (a resumed run must use the same)
     teacher_embeddings: Callable[[Sequence[str]], npt.NDArray[np.float32]] | None = None
+    teacher_embeddings_id: str = ""
 
 
 def _labelled_examples(
@@ -127,8 +129,19 @@ def train_model_dir(
     )
     log.info("training_started", arch=request.arch, vocab=len(vocab), objective=config.objective)
     checkpoint = checkpoint_path(request.out)
+    # What the config's paths stood for when this run started, so a checkpoint made with
+    # another student behind the same path (or other embeddings) is not resumed.
+    identities = [weighting.get("student") if weighting else None]
+    identities.append(request.teacher_embeddings_id if config.embedding_weight > 0 else None)
     result = train_student(
-        student_config, embeddings, tokenizer, train_source, valid_source, config, checkpoint=checkpoint
+        student_config,
+        embeddings,
+        tokenizer,
+        train_source,
+        valid_source,
+        config,
+        checkpoint=checkpoint,
+        fingerprint_extra=json.dumps(identities) if any(identities) else "",
     )
     log.info("exporting", fp32="fp32.onnx", then="INT8 static quantisation (about a minute)")
 

@@ -70,14 +70,19 @@ def _logsumexp(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 
 def embedding_loss(projected: Any, batch: list[Example]) -> Any:
-    """MSE (summed over dimensions) + (1 - cosine) between the L2-normalised projection and the
-    teacher's embedding, averaged over the rows that have one (0 when none has)."""
+    """MSE (summed over dimensions) + (1 - cosine) between the projection and the teacher's
+    (unit-length) embedding, averaged over the rows that have one (0 when none has).
+
+    The MSE is on the projection as it is, not normalised: on two unit vectors it would only
+    repeat the cosine term (``|a - b|^2 = 2 - 2 cos``); as it is, it also pulls the projection's
+    length to 1. Each row counts with its loss weight (`disagreement_weights`), as in the logit term.
+    """
     rows = [i for i, e in enumerate(batch) if e.embedding is not None]
     if not rows:
         return projected.sum() * 0.0
     target = torch.from_numpy(np.stack([np.asarray(batch[i].embedding, np.float32) for i in rows]))
     target = target.to(projected.device)
     weight = torch.tensor([batch[i].weight for i in rows], dtype=torch.float32, device=projected.device)
-    mine = F.normalize(projected[rows], dim=1)
+    mine = projected[rows]
     per_row = ((mine - target) ** 2).sum(dim=1) + (1.0 - F.cosine_similarity(mine, target, dim=1))
     return (per_row * weight).mean()
