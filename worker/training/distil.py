@@ -257,7 +257,7 @@ def train_student(
     fingerprint = _fingerprint(student_config, config, tokenizer, train_rows, fingerprint_extra)
     if checkpoint is not None and checkpoint.exists():
         state = _resume(checkpoint, fingerprint, model, optimiser, rng)
-    progress = _Progress(train_rows, config.epochs, before=state.seconds)
+    progress = TrainProgress(train_rows, config.epochs, before=state.seconds)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if state.stale >= config.patience:
             break  # a resumed run that had already stopped early
@@ -429,7 +429,7 @@ def _resume(path: Path, fingerprint: str, model: Any, optimiser: Any, rng: rando
     return state
 
 
-class _Progress:
+class TrainProgress:
     """Rows per second and time left, logged every ``every_s`` seconds and at each epoch's end."""
 
     def __init__(self, rows_per_epoch: int, epochs: int, every_s: float = 30.0, before: float = 0.0) -> None:

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from worker.training.distil import encode  # noqa: E402
+from worker.training.distil import TrainProgress, encode  # noqa: E402
 
 log = structlog.get_logger(__name__)
 Array = npt.NDArray[np.float32]
@@ -255,9 +255,11 @@ def distil_pruned(
     warmup = max(1, int(config.warmup_fraction * steps_total))
     step = 0
     started = time.perf_counter()
+    progress = TrainProgress(len(train), config.epochs)
     for epoch in range(1, config.epochs + 1):
         model.train()
         running, count = 0.0, 0
+        progress.epoch_started(epoch)
         for index in batches(train, shuffle=True):
             step += 1
             factor = min(step / warmup, max(0.0, (steps_total - step) / max(1, steps_total - warmup)))
@@ -269,12 +271,16 @@ def distil_pruned(
             optimiser.step()
             running += float(loss.detach()) * len(index)
             count += len(index)
+            progress.rows_done(len(index), running / count)
+        timing = progress.epoch_done()
         history.append(
             {
                 "epoch": epoch,
                 "train_loss": running / max(count, 1),
                 **validate(),
                 "seconds": round(time.perf_counter() - started, 1),
+                "rows_per_s": timing["rows_per_s"],
+                "max_seconds_left": timing["max_seconds_left"],
             }
         )
         log.info("pruned_distil_epoch", **history[-1])
