@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--traffic", type=Path, default=Path(".cache/datasets/traffic"))
     parser.add_argument("--speed-texts", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="cascade", help="results name: benchmarks/results/OUT.{json,png}")
     args = parser.parse_args()
     settings = Settings()
     teacher, sets = evaluation_sets(settings, args.traffic)
@@ -128,8 +129,8 @@ def main() -> None:
             f"smoke {entry['smoke']['agreement']:.3f}",
             flush=True,
         )
-    write_result("cascade", result)
-    plot(result, RESULTS / "cascade.png")
+    write_result(args.out, result)
+    plot(result, RESULTS / f"{args.out}.png")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
