@@ -25,6 +25,7 @@ from worker.training.distil import TrainConfig, encode
 from worker.training.export import verify_parity
 from worker.training.pruned.distil import PrunedTransformer
 from worker.training.pruned.encoder import (
+    WEIGHT_ONLY,
     build_graph,
     build_pruned_tokenizer,
     cut_encoder,
@@ -197,7 +198,7 @@ def test_guarded_int8_keeps_parity_and_leaves_norms_float(tmp_path: Path) -> Non
     encoder = cut_encoder(_e5(), (0, 11), vocab)  # type: ignore[arg-type]
     fp32 = tmp_path / "fp32.onnx"
     onnx.save(build_graph(encoder, _random_head(encoder.config.hidden)), str(fp32))
-    int8 = quantise_guarded(fp32, tmp_path / "int8.onnx")
+    int8 = quantise_guarded(fp32, tmp_path / "int8.onnx", weight_only=WEIGHT_ONLY)
     texts = CORPUS + UNSEEN_SCRIPTS
     parity = verify_parity(fp32, int8, tokenizer, texts, 64, threads=1)
     assert parity["label_agreement"] == 1.0
