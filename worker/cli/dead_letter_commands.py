@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -34,17 +35,25 @@ def follow_until_stopped(
     options until its ``--count``, its ``--timeout`` or Ctrl-C; the broker's state goes to stderr."""
     from worker.dev.client import BrokerWatch
 
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a person stops tail
-        asyncio.run(
-            follow(
-                kafka,
-                show,
-                from_beginning=args.from_beginning,
-                count=args.count,
-                timeout_s=args.timeout,
-                watch=BrokerWatch(kafka.bootstrap, say),
-            )
+    async def until_stopped() -> None:
+        # Ctrl-C (or SIGTERM) sets a flag the reader checks at every fetch, at most 1 s apart,
+        # instead of cancelling it: a cancellation can be swallowed (see `follow`), a flag cannot.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await follow(
+            kafka,
+            show,
+            from_beginning=args.from_beginning,
+            count=args.count,
+            timeout_s=args.timeout,
+            watch=BrokerWatch(kafka.bootstrap, say),
+            stop=stop,
         )
+
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before the handlers are in place
+        asyncio.run(until_stopped())
     return 0
 
 

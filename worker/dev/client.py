@@ -253,19 +253,23 @@ async def follow(
     timeout_s: float | None,
     max_records: int,
     watch: BrokerWatch | None = None,
+    stop: asyncio.Event | None = None,
 ) -> int:
     """Start ``consumer`` and hand each fetch to ``take(batches, room)`` until ``count`` records are
-    taken or ``timeout_s`` passes; the records taken.
+    taken, ``timeout_s`` passes or ``stop`` is set; the records taken.
 
     ``take`` returns how many it took, at most ``room`` (``None``: no limit). Fetches are at most
     1 s apart and ``watch`` hears of every one, empty or not. A Kafka error is a `ServiceError`
     naming ``source`` (what was read, from where); the consumer is stopped in any case.
+    ``stop`` is how a signal ends the loop: unlike a cancellation, which Python 3.11's
+    ``asyncio.wait_for`` can swallow (inside aiokafka, or `BrokerWatch`'s probe of a dead broker),
+    a set flag is still set at the next fetch.
     """
     seen = 0
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         await consumer.start()
-        while count is None or seen < count:
+        while (count is None or seen < count) and not (stop is not None and stop.is_set()):
             wait_ms = 1000 if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
             if deadline is not None and wait_ms <= 0:
                 break
@@ -276,8 +280,23 @@ async def follow(
     except KafkaError as exc:
         raise ServiceError(f"cannot read {source}: {exc!r}") from exc
     finally:
-        await consumer.stop()
+        await _stop_consumer(consumer)
     return seen
+
+
+async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, without the CancelledError of aiokafka's own fetch tasks.
+
+    Its fetcher cancels the fetches in flight and awaits them, so with a fetch to a dead broker
+    pending, their CancelledError comes out of ``stop()``. A cancellation of this task itself is
+    still raised.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 def describe(intent: Intent, text: str | None) -> str:
@@ -297,8 +316,10 @@ async def follow_intents(
     count: int | None = None,
     timeout_s: float | None = None,
     watch: BrokerWatch | None = None,
+    stop: asyncio.Event | None = None,
 ) -> int:
-    """Call ``on_intent(intent, text, raw)`` for each label on ``intents`` until ``count`` or ``timeout_s``.
+    """Call ``on_intent(intent, text, raw)`` for each label on ``intents`` until ``count``,
+    ``timeout_s`` or ``stop``.
 
     It also reads ``utterances`` to show each label's text, when the utterance was seen first.
     No consumer group: nothing is committed, and a worker's group is never disturbed.
@@ -337,7 +358,14 @@ async def follow_intents(
 
     source = f"{INTENTS!r} from {as_kafka(kafka).bootstrap}"
     return await follow(
-        consumer, take, source=source, count=count, timeout_s=timeout_s, max_records=1000, watch=watch
+        consumer,
+        take,
+        source=source,
+        count=count,
+        timeout_s=timeout_s,
+        max_records=1000,
+        watch=watch,
+        stop=stop,
     )
 
 

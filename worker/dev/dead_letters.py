@@ -142,8 +142,9 @@ async def follow_dead_letters(
     count: int | None = None,
     timeout_s: float | None = None,
     watch: BrokerWatch | None = None,
+    stop: asyncio.Event | None = None,
 ) -> int:
-    """Call ``on_letter(stored, raw)`` for each dead letter until ``count`` or ``timeout_s``."""
+    """Call ``on_letter(stored, raw)`` for each dead letter until ``count``, ``timeout_s`` or ``stop``."""
     consumer = groupless_consumer(kafka, DEAD_LETTERS, from_beginning=from_beginning)
 
     def take(batches: Batches, room: int | None) -> int:
@@ -159,7 +160,14 @@ async def follow_dead_letters(
 
     source = f"{DEAD_LETTERS!r} from {kafka.describe()}"
     return await follow(
-        consumer, take, source=source, count=count, timeout_s=timeout_s, max_records=500, watch=watch
+        consumer,
+        take,
+        source=source,
+        count=count,
+        timeout_s=timeout_s,
+        max_records=500,
+        watch=watch,
+        stop=stop,
     )
 
 
