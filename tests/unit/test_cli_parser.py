@@ -38,7 +38,7 @@ def _train_args(*extra: str) -> argparse.Namespace:
 def test_lever_flags_a_student_would_ignore_are_refused_before_anything_loads() -> None:
     import pytest
 
-    from worker.cli.model_commands import _check_levers
+    from worker.cli.train_inputs import check_levers
     from worker.errors import WorkerError
 
     refused = {
@@ -57,6 +57,6 @@ def test_lever_flags_a_student_would_ignore_are_refused_before_anything_loads() 
     }
     for why, flags in refused.items():
         with pytest.raises(WorkerError):
-            _check_levers(_train_args(*flags))
+            check_levers(_train_args(*flags))
             pytest.fail(why)
-    _check_levers(_train_args("--arch", "cnn", "--disagreement-student", "m", "--embedding-weight", "1"))
+    check_levers(_train_args("--arch", "cnn", "--disagreement-student", "m", "--embedding-weight", "1"))

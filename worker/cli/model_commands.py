@@ -11,12 +11,12 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from worker.cli import train_inputs
 from worker.config import Settings
 from worker.errors import WorkerError
 
@@ -216,7 +216,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
     from worker.training.distil import TrainConfig
     from worker.training.run import TrainRequest, train_model_dir
 
-    _check_levers(args)
+    train_inputs.check_levers(args)
     e5_path = default_weights_path(settings.teacher_weights)
     files = ensure_encoder(settings.cache_dir, e5_path, settings.teacher_max_length)
     teacher_tokenizer = Tokenizer.from_file(str(files.tokenizer))
@@ -255,8 +255,10 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
     )
     embedder = None
     if args.embedding_weight > 0:
-        _check_embedding_teacher([Path(d) for d in args.data or ()], f"e5-small-intent@{files.key[:8]}.")
-        embedder = _teacher_embedder(settings, args.threads)
+        train_inputs.check_embedding_teacher(
+            [Path(d) for d in args.data or ()], f"e5-small-intent@{files.key[:8]}."
+        )
+        embedder = train_inputs.teacher_embedder(settings, args.threads)
     request = TrainRequest(
         arch=args.arch,
         out=Path(args.out),
@@ -368,63 +370,6 @@ def _pruned_layers(spec: str) -> tuple[int, ...]:
         raise WorkerError(f"--layers {spec!r}: {exc}") from exc
 
 
-def _check_levers(args: argparse.Namespace) -> None:
-    """Refuse lever flags that the chosen student or objective would silently ignore."""
-    if args.disagreement_student is not None and (args.supervised or args.arch == "pruned"):
-        raise WorkerError("--disagreement-student weighs distillation rows of cnn and bag students only")
-    if args.disagreement_alpha < 0:
-        raise WorkerError("--disagreement-alpha must be 0 or more")
-    if args.embedding_weight < 0:
-        raise WorkerError("--embedding-weight must be 0 or more")
-    if args.embedding_weight > 0 and (args.supervised or args.arch == "pruned"):
-        raise WorkerError(
-            "--embedding-weight is for distilling cnn and bag students (the pruned one has --cosine)"
-        )
-
-
-def _check_embedding_teacher(datasets: Sequence[Path], prefix: str) -> None:
-    """The sentence embeddings come from the embedded e5 encoder: refuse datasets another teacher
-    labelled, whose logits that embedding would not match."""
-    from worker.loop.dataset import read_manifest
-
-    for directory in datasets:
-        teacher = str(read_manifest(directory).get("teacher", {}).get("id", ""))
-        if not teacher.startswith(prefix):
-            raise WorkerError(
-                f"--embedding-weight targets the embedded e5 teacher's sentence embedding, but "
-                f"{directory} was labelled by {teacher or 'an unnamed teacher'}"
-            )
-
-
-def _teacher_embedder(settings: Settings, threads: int) -> Callable[[Sequence[str]], Any]:
-    """texts -> the embedded teacher's sentence embeddings, cached on disk 8,192 texts at a time,
-    so a long embedding pass that is stopped resumes where it was (for the same list of texts:
-    the chunks are keyed by their texts, so another ``--fraction`` misses the cache)."""
-    from tqdm import tqdm
-
-    from worker.teacher import load_embedded_encoder
-    from worker.teacher.fit import embed_cached
-
-    encoder = load_embedded_encoder(settings.model_copy(update={"teacher_threads": threads}))
-    tag = f"{encoder.model_path}:{encoder.max_length}"
-    chunk = 8192
-
-    def embed(texts: Sequence[str]) -> Any:
-        import numpy as np
-
-        out: Any = None
-        with tqdm(total=len(texts), unit="utt", desc="teacher embeddings") as bar:
-            for start in range(0, len(texts), chunk):
-                part = embed_cached(encoder, list(texts[start : start + chunk]), settings.cache_dir, tag)
-                if out is None:
-                    out = np.empty((len(texts), part.shape[1]), np.float32)
-                out[start : start + len(part)] = part
-                bar.update(len(part))
-        return out if out is not None else np.zeros((0, 0), np.float32)
-
-    return embed
-
-
 def _train_pruned(
     settings: Settings, args: argparse.Namespace, request: Any, teacher_tokenizer: Any, e5: Any, key: str
 ) -> int:
@@ -436,7 +381,7 @@ def _train_pruned(
     shared = require_shared_data(settings.shared_data_dir)
     mapping = shared_mapping(shared)
     teacher_card = json.loads((settings.teacher_dir / "card.json").read_text())
-    teacher_embeddings = _teacher_embedder(settings, args.threads) if args.cosine else None
+    teacher_embeddings = train_inputs.teacher_embedder(settings, args.threads) if args.cosine else None
     inputs = PrunedInputs(
         head_data=load_labelled(massive_files(shared), mapping, split="train"),
         intent_labels={intent: label for intent, (label, _) in mapping.entries.items()},
