@@ -21,6 +21,7 @@ from aiokafka.structs import ConsumerRecord
 from worker.config import MODELS_DIR
 from worker.connections import KafkaConnection, as_kafka
 from worker.dev import harness
+from worker.topics import INTENTS, UTTERANCES
 
 
 def student_dir() -> Path:
@@ -121,3 +122,16 @@ def utterance(uid: str, text: str, locale: str | None = "en") -> tuple[bytes, by
     if locale is not None:
         record["locale"] = locale
     return uid.encode(), json.dumps(record).encode()
+
+
+def send_and_await_labels(
+    kafka: str | KafkaConnection, worker: WorkerProcess, prefix: str, text: str, n: int = 20
+) -> list[tuple[bytes, bytes]]:
+    """Send ``n`` utterances (``{prefix}-{i}``, ``text`` with ``{i}`` filled in) and wait until
+    the worker has labelled every one, or fail with the end of its log; the (key, value) sent."""
+    sent = [utterance(f"{prefix}-{i}", text.format(i=i)) for i in range(n)]
+    produce(kafka, UTTERANCES, sent)
+    want = {key for key, _ in sent}
+    found = consume(kafka, [INTENTS], lambda rs: want <= {r.key for r in rs}, 60)
+    assert want <= {r.key for r in found}, worker.log()[-3000:]
+    return sent

@@ -23,7 +23,7 @@ import pytest
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 from relays import Relay
-from worker_harness import WorkerProcess, consume, produce, utterance
+from worker_harness import WorkerProcess, produce, send_and_await_labels
 
 from worker.connections import KafkaConnection, SaslMechanism, SecurityProtocol
 from worker.dev.services import LOOPBACK, free_port, start_kafka, start_redis
@@ -199,11 +199,7 @@ def test_a_worker_behind_sasl_labels_and_a_wrong_password_is_refused(
         )  # fmt: skip
         with worker:
             worker.wait_healthy()
-            sent = [utterance(f"sasl-{i}", f"switch off the heating in room {i}") for i in range(20)]
-            produce(connection, UTTERANCES, sent)
-            want = {key for key, _ in sent}
-            found = consume(connection, [INTENTS], lambda rs: want <= {r.key for r in rs}, 60)
-            assert want <= {r.key for r in found}, worker.log()[-3000:]
+            sent = send_and_await_labels(connection, worker, "sasl", "switch off the heating in room {i}")
             assert worker.terminate() == 0
         assert PASSWORD not in worker.log()
         authenticated = gate.authenticated

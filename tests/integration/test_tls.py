@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from pydantic import SecretStr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from relays import Relay
-from worker_harness import WorkerProcess, consume, produce, utterance
+from worker_harness import WorkerProcess, produce, send_and_await_labels
 
 from worker.connections import KafkaConnection, RedisConnection, SecurityProtocol, redis_client
 from worker.dev.harness import metric_sum
@@ -136,11 +136,7 @@ def test_a_worker_on_tls_kafka_and_tls_redis_labels_and_samples(
         )  # fmt: skip
         with worker:
             worker.wait_healthy()
-            sent = [utterance(f"tls-{i}", f"turn on the lights in room {i}") for i in range(20)]
-            produce(connection, UTTERANCES, sent)
-            want = {key for key, _ in sent}
-            found = consume(connection, [INTENTS], lambda rs: want <= {r.key for r in rs}, 60)
-            assert want <= {r.key for r in found}, worker.log()[-3000:]
+            sent = send_and_await_labels(connection, worker, "tls", "turn on the lights in room {i}")
             # Every sample the worker kept went over TLS; how many it keeps while the first TLS
             # handshakes run through the Python relay is not this test's business.
             with contextlib.closing(redis_client(redis_tls(redis_port, pki), timeout_s=5)) as buffer:
