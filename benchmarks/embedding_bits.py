@@ -26,7 +26,7 @@ from common import machine, write_result
 from worker.config import Settings
 from worker.data.corpora import load_labelled, massive_files, require_shared_data, shared_mapping, xsid_files
 from worker.models.student import Student, chunked_logits
-from worker.training.nibbles import embedding_to_4bit
+from worker.training.nibbles import embedding_to_4bit, gathered_table
 
 GROUPS = (16, 32, 64)
 
@@ -38,12 +38,6 @@ def validation_texts(settings: Settings) -> list[str]:
     for files in (massive_files(shared), xsid_files(shared)):
         texts += load_labelled(files, mapping, split="validation").texts
     return texts
-
-
-def embedding_table(model: onnx.ModelProto) -> str:
-    """The name the embedding Gather reads (the first Gather on ``input_ids``)."""
-    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
-    return str(gather.input[0])
 
 
 def p50_ms(students: dict[str, Student], texts: list[str], rounds: int) -> dict[str, float]:
@@ -94,7 +88,7 @@ def main() -> None:
                 target = scratch / f"{directory.name}-g{group}"
                 shutil.copytree(directory, target, ignore=shutil.ignore_patterns("fp32.onnx", "*.pt"))
                 model = onnx.load(str(target / "model.onnx"))
-                sizes = embedding_to_4bit(model, embedding_table(model), group)
+                sizes = embedding_to_4bit(model, gathered_table(model), group)
                 onnx.save(model, str(target / "model.onnx"))
                 student = Student(target, threads=1)
                 logits = chunked_logits(texts, student, 256)

@@ -54,9 +54,14 @@ def test_lever_flags_a_student_would_ignore_are_refused_before_anything_loads() 
         "S_sup has no teacher embedding": ("--arch", "cnn", "--supervised", "--embedding-weight", "1"),
         "a negative alpha": ("--arch", "cnn", "--disagreement-student", "m", "--disagreement-alpha", "-1"),
         "a negative weight": ("--arch", "cnn", "--embedding-weight", "-0.5"),
+        "pruned students keep the teacher's 4-bit rows": ("--arch", "pruned", "--table-bits", "4"),
+        "no epochs around the table": ("--arch", "cnn", "--table-bits", "4", "--table-epochs", "0"),
+        "pruned students start from the teacher": ("--arch", "pruned", "--init-from", "m"),
+        "no epochs and nothing to start from": ("--arch", "cnn", "--epochs", "0"),
     }
     for why, flags in refused.items():
         with pytest.raises(WorkerError):
             check_levers(_train_args(*flags))
             pytest.fail(why)
     check_levers(_train_args("--arch", "cnn", "--disagreement-student", "m", "--embedding-weight", "1"))
+    check_levers(_train_args("--arch", "cnn", "--init-from", "m", "--epochs", "0", "--table-bits", "4"))

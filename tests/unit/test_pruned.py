@@ -23,6 +23,7 @@ from worker.teacher.onnx_graph import HeadWeights
 from worker.teacher.tokenizer import build_tokenizer
 from worker.training.distil import TrainConfig, encode
 from worker.training.export import verify_parity
+from worker.training.nibbles import embedding_to_4bit, pack_rows, unpack_rows
 from worker.training.pruned.distil import PrunedTransformer
 from worker.training.pruned.encoder import (
     WEIGHT_ONLY,
@@ -211,6 +212,45 @@ def test_guarded_int8_keeps_parity_and_leaves_norms_float(tmp_path: Path) -> Non
     assert int8.stat().st_size < 0.45 * fp32.stat().st_size
 
 
+def test_teacher_rows_are_stored_at_4_bits_exactly(tmp_path: Path) -> None:
+    tokenizer, vocab = _pruned()
+    encoder = cut_encoder(_e5(), (0,), vocab)  # type: ignore[arg-type]
+    assert encoder.word_scales is not None
+    graph = build_graph(encoder, None)
+    table = encoder.tensors["emb.word"]
+    codes, scales = pack_rows(table, 32, encoder.word_scales)
+    np.testing.assert_array_equal(unpack_rows(codes, scales, 32), table)
+    texts = CORPUS + UNSEEN_SCRIPTS
+    fp32 = run_graph(graph, tokenizer, texts, "embedding")
+    embedding_to_4bit(graph, "emb.word", 32, encoder.word_scales)
+    np.testing.assert_allclose(run_graph(graph, tokenizer, texts, "embedding"), fp32, atol=1e-6)
+    # A table that training moved off the teacher's grid is refused, not silently rounded.
+    with pytest.raises(ValueError, match="grid"):
+        pack_rows(table + np.float32(1e-3), 32, encoder.word_scales)
+
+
+def test_guarded_int8_with_teacher_scales_halves_the_table(tmp_path: Path) -> None:
+    tokenizer, vocab = _pruned()
+    encoder = cut_encoder(_e5(), (0,), vocab)  # type: ignore[arg-type]
+    fp32 = tmp_path / "fp32.onnx"
+    onnx.save(build_graph(encoder, _random_head(encoder.config.hidden)), str(fp32))
+    per_row = quantise_guarded(fp32, tmp_path / "int8.onnx")
+    nibbles = quantise_guarded(fp32, tmp_path / "int4.onnx", word_scales=encoder.word_scales)
+    texts = CORPUS + UNSEEN_SCRIPTS
+    exact = run_graph(fp32, tokenizer, texts, "logits")
+
+    def error(model: Path) -> float:
+        return float(np.abs(run_graph(model, tokenizer, texts, "logits") - exact).max())
+
+    # The 4-bit table is exact, so only the INT8 MatMuls are left to differ from FP32.
+    assert error(nibbles) < error(per_row)
+    rows, width = encoder.tensors["emb.word"].shape
+    saved = per_row.stat().st_size - nibbles.stat().st_size
+    # INT8 codes + a float32 scale per row, against 4-bit codes + a float16 scale per 32 values.
+    # Give or take the unpacking nodes (under 4 kB).
+    assert saved == pytest.approx(rows * (width + 4) - rows * (width // 2 + 2 * width // 32), abs=4096)
+
+
 def _dataset(path: Path) -> Path:
     texts = CORPUS * 4
     rng = np.random.default_rng(0)
@@ -278,6 +318,7 @@ def test_pruned_model_directory_loads_in_the_student_runtime(tmp_path: Path, mod
         "tokenizer.json",
     ]
     assert card["architecture"]["layers"] == [0]
+    assert "4 bits on the teacher's own Q4_0 grid" in card["int8"]["quantisation"]
     assert card["mode"] == mode
     assert (card["training"]["distillation"] is not None) == (mode == "distil")
     assert json.loads((out / "card.json").read_text())["int8"]["shipped"] == card["int8"]["shipped"]

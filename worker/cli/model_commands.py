@@ -252,6 +252,8 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         disagreement_student=args.disagreement_student,
         disagreement_alpha=args.disagreement_alpha,
         embedding_weight=args.embedding_weight,
+        table_bits=args.table_bits,
+        table_epochs=args.table_epochs,
     )
     embedder = None
     if args.embedding_weight > 0:
@@ -270,6 +272,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         embedding_dim=args.embedding_dim,
         min_count=args.min_count,
         parity_texts=tuple(parity),
+        init_from=Path(args.init_from) if args.init_from else None,
         command=command_line(),
         train=config,
         layers=_pruned_layers(args.layers) if pruned else (),

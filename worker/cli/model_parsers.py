@@ -106,7 +106,9 @@ def add_model_commands(commands: Any) -> None:
     )
     train.add_argument("--min-count", type=int, default=1, help="keep pieces seen at least this often")
     train.add_argument("--fraction", type=float, default=1.0, help="share of the training rows to use")
-    train.add_argument("--epochs", type=int, default=None, help="default 50 (pruned: 1)")
+    train.add_argument(
+        "--epochs", type=int, default=None, help="default 50 (pruned: 1); 0 with --init-from: none"
+    )
     train.add_argument("--batch-size", type=int, default=None, help="default 128 (pruned: 32)")
     train.add_argument("--lr", type=float, default=None, help="default 1e-3 (pruned: 5e-5, encoder)")
     train.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
@@ -168,6 +170,29 @@ def add_model_commands(commands: Any) -> None:
         help="cnn/bag: also pull a projection of the student's features to the teacher's sentence "
         "embedding (MSE + 1 - cosine), weighted W beside the logit MSE (default 0: logits only; "
         "embeds every training row with the teacher first, cached and resumable)",
+    )
+    train.add_argument(
+        "--init-from",
+        metavar="MODEL_DIR",
+        default=None,
+        help="cnn/bag: start from this published student's weights (read back from its model.onnx; "
+        "same architecture, data and --min-count, so the same vocabulary), e.g. the one serving",
+    )
+    train.add_argument(
+        "--table-bits",
+        type=int,
+        choices=[0, 4],
+        default=0,
+        help="cnn/bag: 4 snaps the embedding table to 4 bits once the schedule ends, freezes it and "
+        "trains the rest around it for --table-epochs more, so the INT8 model stores the table at "
+        "4 bits exactly (about half its bytes); 0 (default): INT8 like every weight",
+    )
+    train.add_argument(
+        "--table-epochs",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --table-bits 4: epochs around the frozen 4-bit table (default 2; the best is kept)",
     )
     train.add_argument(
         "--layers", default="0,11", help="pruned: teacher layers to keep, e.g. 0,11 or 0,5,11 or first4"

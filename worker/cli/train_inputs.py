@@ -25,6 +25,21 @@ def check_levers(args: argparse.Namespace) -> None:
         raise WorkerError(
             "--embedding-weight is for distilling cnn and bag students (the pruned one has --cosine)"
         )
+    if args.table_bits and args.arch == "pruned":
+        raise WorkerError(
+            "--table-bits is for cnn and bag students: the pruned one keeps the teacher's own "
+            "rows, which it always stores at the teacher's 4 bits"
+        )
+    if args.table_epochs < 1:
+        raise WorkerError("--table-epochs must be 1 or more")
+    if args.init_from is not None and args.arch == "pruned":
+        raise WorkerError(
+            "--init-from warm-starts cnn and bag students (the pruned one starts from the teacher)"
+        )
+    if args.epochs is not None and args.epochs < (0 if args.init_from is not None else 1):
+        raise WorkerError(
+            "--epochs must be 1 or more (0 only with --init-from: keep its weights as they are)"
+        )
 
 
 def check_embedding_teacher(datasets: Sequence[Path], prefix: str) -> None:

@@ -150,18 +150,31 @@ class E5File:
             return array if rows is None else array[rows]
         if entry.dtype != 1:
             raise ModelError(f"{self.path}: tensor {name!r} has unknown dtype {entry.dtype}")
+        return _dequantise_q4(self._q4_blocks(name, entry, rows))
+
+    def block_scales(self, name: str, rows: npt.NDArray[np.int64] | None = None) -> npt.NDArray[np.float16]:
+        """The fp16 Q4_0 scales of 4-bit matrix ``name``, ``[rows, inputs / block_size]``.
+
+        With them a consumer can store rows it keeps unchanged at 4 bits, exactly as here
+        (`worker.training.nibbles.pack_rows`), instead of re-quantising the dequantised floats.
+        """
+        entry = self._tensors.get(name)
+        if entry is None or entry.dtype != 1:
+            raise ModelError(f"{self.path}: {name!r} is not a 4-bit tensor")
+        return np.array(self._q4_blocks(name, entry, rows)["d"], dtype=np.float16)
+
+    def _q4_blocks(
+        self, name: str, entry: _TensorEntry, rows: npt.NDArray[np.int64] | None
+    ) -> npt.NDArray[np.void]:
         # Every 4-bit matrix reads `hidden` inputs except the FFN output projection.
         n_in = self.config.ffn if name.endswith(".fo.w") else self.config.hidden
-        blocks_per_row = n_in // self.config.block_size
         blocks = np.frombuffer(
             self._buf,
             dtype=_Q4_BLOCK,
             count=entry.nbytes // _Q4_BLOCK.itemsize,
             offset=entry.offset,
-        ).reshape(-1, blocks_per_row)
-        if rows is not None:
-            blocks = blocks[rows]
-        return _dequantise_q4(blocks)
+        ).reshape(-1, n_in // self.config.block_size)
+        return blocks if rows is None else blocks[rows]
 
 
 def _dequantise_q4(blocks: npt.NDArray[np.void]) -> npt.NDArray[np.float32]:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import random
-import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from tokenizers import Tokenizer
 from worker.loop.dataset import iter_batches, read_manifest, split_bucket
 from worker.models.onnx import pad_batch
 from worker.training import require_torch
+from worker.training.progress import TrainProgress
 from worker.training.students import StudentConfig, build_student
 from worker.training.targets import embedding_loss
 
@@ -80,6 +80,12 @@ class TrainConfig:
     #: over dimensions) + (1 - cosine), weighted by this beside the logit MSE;
     #: 0: logits only. The projection is dropped after training; validation measures the logits.
     embedding_weight: float = 0.0
+    #: 4: once the schedule ends, the embedding table is snapped to 4 bits (groups of 32 values,
+    #: a float16 scale each: `worker.training.nibbles`) and frozen, and ``table_epochs`` more
+    #: epochs train the rest of the model around it, so the INT8 model can store the table at
+    #: 4 bits exactly, at about half its bytes; 0: the table stays INT8 like every weight.
+    table_bits: int = 0
+    table_epochs: int = 2
 
 
 @dataclass
@@ -200,19 +206,27 @@ def train_student(
     config: TrainConfig,
     checkpoint: Path | None = None,
     fingerprint_extra: str = "",
+    start_from: Mapping[str, Any] | None = None,
+    freeze_embeddings: bool = False,
 ) -> TrainResult:
     """Train with Adam, linear warm-up, and early stopping on the validation loss.
 
     ``train_source``/``valid_source`` are callables returning a fresh example iterator
     (each epoch streams the data again). With ``checkpoint``, the whole training state is
     saved there after every epoch, and a run that finds a checkpoint of the same
-    configuration and vocabulary resumes after its last epoch.
+    configuration and vocabulary resumes after its last epoch. ``start_from`` (a state dict)
+    gives the weights it names (a warm start; the rest keep their initialisation), and
+    ``freeze_embeddings`` keeps the table as it starts (the second stage of ``table_bits``).
     """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     rng = random.Random(config.seed)
     device = torch.device(config.device)
     model = build_student(student_config, embeddings).to(device)
+    if start_from is not None:
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in start_from.items()}, strict=False)
+    if freeze_embeddings:
+        model.embedding.weight.requires_grad_(False)
     train_rows, target_dim = 0, 0
     for example in train_source():
         train_rows += 1
@@ -325,12 +339,13 @@ class _Optimiser:
 
     def __init__(self, model: Any, rate: float, *, sparse: bool) -> None:
         table = getattr(model, "embedding", None)
-        if sparse and table is not None:
+        trained = [p for p in model.parameters() if p.requires_grad]  # not a frozen table
+        if sparse and table is not None and table.weight.requires_grad:
             table.sparse = True
-            rest = [p for p in model.parameters() if p is not table.weight]
+            rest = [p for p in trained if p is not table.weight]
             self.parts = [torch.optim.SparseAdam([table.weight], lr=rate), torch.optim.Adam(rest, lr=rate)]
         else:
-            self.parts = [torch.optim.Adam(model.parameters(), lr=rate)]
+            self.parts = [torch.optim.Adam(trained, lr=rate)]
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -389,7 +404,14 @@ def _fingerprint(
     return digest.hexdigest()[:16]
 
 
-_LEVERS = ("disagreement_student", "disagreement_alpha", "disagreement_cap", "embedding_weight")
+_LEVERS = (
+    "disagreement_student",
+    "disagreement_alpha",
+    "disagreement_cap",
+    "embedding_weight",
+    "table_bits",
+    "table_epochs",
+)
 
 
 def _save(
@@ -427,61 +449,6 @@ def _resume(path: Path, fingerprint: str, model: Any, optimiser: Any, rng: rando
     state = _TrainState(**saved["state"])
     log.info("training_resumed", path=str(path), after_epoch=state.epoch, best_epoch=state.best_epoch)
     return state
-
-
-class TrainProgress:
-    """Rows per second and time left, logged every ``every_s`` seconds and at each epoch's end."""
-
-    def __init__(self, rows_per_epoch: int, epochs: int, every_s: float = 30.0, before: float = 0.0) -> None:
-        self.rows_per_epoch, self.epochs, self.every_s = rows_per_epoch, epochs, every_s
-        self.before = before  # training seconds of the epochs before a resume
-        self.started = time.perf_counter()
-        self.epoch = 0
-        self.epoch_started_at = self.last_report = self.started
-        self.rows = 0
-        self.epoch_seconds: list[float] = []
-
-    def elapsed(self) -> float:
-        return self.before + time.perf_counter() - self.started
-
-    def epoch_started(self, epoch: int) -> None:
-        self.epoch, self.rows = epoch, 0
-        self.epoch_started_at = self.last_report = time.perf_counter()
-
-    def rows_done(self, n: int, train_loss: float) -> None:
-        self.rows += n
-        now = time.perf_counter()
-        if now - self.last_report < self.every_s:
-            return
-        self.last_report = now
-        rate = self.rows / max(now - self.epoch_started_at, 1e-9)
-        log.info(
-            "train_progress",
-            epoch=self.epoch,
-            rows=self.rows,
-            of_rows=self.rows_per_epoch,
-            train_loss=round(train_loss, 5),
-            rows_per_s=round(rate),
-            epoch_left_s=round((self.rows_per_epoch - self.rows) / max(rate, 1e-9)),
-        )
-
-    def out_of_time(self, budget_s: float | None) -> bool:
-        """Whether one more epoch, as slow as the slowest so far, would end past ``budget_s``."""
-        if budget_s is None or not self.epoch_seconds:
-            return False
-        return self.elapsed() + max(self.epoch_seconds) > budget_s
-
-    def epoch_done(self) -> dict[str, float]:
-        seconds = time.perf_counter() - self.epoch_started_at
-        self.epoch_seconds.append(seconds)
-        mean = sum(self.epoch_seconds) / len(self.epoch_seconds)
-        return {
-            "epoch_seconds": round(seconds, 1),
-            "elapsed_seconds": round(self.elapsed(), 1),
-            "rows_per_s": round(self.rows / max(seconds, 1e-9)),
-            # An upper bound: early stopping usually ends the run sooner.
-            "max_seconds_left": round(mean * (self.epochs - self.epoch)),
-        }
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

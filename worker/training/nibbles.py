@@ -31,15 +31,29 @@ Array = npt.NDArray[np.float32]
 LEVELS = 7  # codes -7..7 (symmetric; 8 is the zero offset in storage)
 
 
-def pack_rows(table: Array, group: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float16]]:
-    """``[V, D]`` floats -> (codes ``[V, D / 2]`` uint8, scales ``[V, D / group]`` float16)."""
+def pack_rows(
+    table: Array, group: int, scales: npt.NDArray[np.float16] | None = None
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float16]]:
+    """``[V, D]`` floats -> (codes ``[V, D / 2]`` uint8, scales ``[V, D / group]`` float16).
+
+    Given ``scales``, the table must already lie on that 4-bit grid (codes -8..7, as in the
+    teacher's Q4_0 blocks): it is stored exactly, or a ValueError says it is not on the grid.
+    """
     rows, dim = table.shape
     if dim % group or group % 2:
         raise ValueError(f"the group size {group} must be even and divide the width {dim}")
     grouped = table.reshape(rows, dim // group, group).astype(np.float32)
-    scales = (np.abs(grouped).max(axis=2) / LEVELS).astype(np.float16)
+    low = -LEVELS
+    if scales is None:
+        scales = (np.abs(grouped).max(axis=2) / LEVELS).astype(np.float16)
+    elif scales.shape != grouped.shape[:2]:
+        raise ValueError(f"scales {scales.shape} do not match {grouped.shape[:2]} groups")
+    else:
+        low = -LEVELS - 1
     safe = np.where(scales == 0, np.float16(1), scales).astype(np.float32)
-    codes = np.clip(np.rint(grouped / safe[:, :, None]), -LEVELS, LEVELS).astype(np.int16) + 8
+    codes = np.clip(np.rint(grouped / safe[:, :, None]), low, LEVELS).astype(np.int16) + 8
+    if low < -LEVELS and not np.array_equal((codes - 8) * safe[:, :, None], grouped):
+        raise ValueError("the table is not on the given scales' 4-bit grid")
     flat = codes.reshape(rows, dim).astype(np.uint8)
     packed: npt.NDArray[np.uint8] = (flat[:, 0::2] | (flat[:, 1::2] << 4)).astype(np.uint8)
     return packed, scales
@@ -54,6 +68,19 @@ def unpack_rows(codes: npt.NDArray[np.uint8], scales: npt.NDArray[np.float16], g
     grouped = flat.reshape(rows, scales.shape[1], group) * scales.astype(np.float32)[:, :, None]
     result: Array = grouped.reshape(rows, -1)
     return result
+
+
+def snap_rows(table: Array, group: int) -> tuple[Array, npt.NDArray[np.float16]]:
+    """``table`` rounded onto its own 4-bit grid, and that grid's scales: what `pack_rows`
+    stores for it, as floats, so a model can train around exactly the table it will ship."""
+    codes, scales = pack_rows(table, group)
+    return unpack_rows(codes, scales, group), scales
+
+
+def gathered_table(model: onnx.ModelProto) -> str:
+    """The name the token-embedding Gather reads (the first Gather of ``input_ids``)."""
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    return str(gather.input[0])
 
 
 def _initializer(graph: onnx.GraphProto, name: str) -> onnx.TensorProto | None:
@@ -83,19 +110,31 @@ def _float_table(graph: onnx.GraphProto, name: str) -> tuple[Array, list[str]]:
     return (quantised - zero) * scale, [producer.input[0], producer.output[0]]
 
 
-def embedding_to_4bit(model: onnx.ModelProto, table: str, group: int = 32) -> dict[str, int]:
+def embedding_to_4bit(
+    model: onnx.ModelProto,
+    table: str,
+    group: int = 32,
+    scales: npt.NDArray[np.float16] | None = None,
+    values: Array | None = None,
+) -> dict[str, int]:
     """Replace the Gather reading ``table`` by a 4-bit gather (see the module); returns sizes.
 
     ``table`` names a float initializer or a DequantizeLinear output. Tensors that served only
-    the old table are removed.
+    the old table are removed. ``scales`` stores a table that is already 4-bit exactly
+    (`pack_rows`); ``values`` are its floats where the graph holds only an INT8 rounding of them
+    (static QDQ of a table snapped by `snap_rows`).
     """
     graph = model.graph
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == table]
     if len(gathers) != 1:
         raise ValueError(f"expected one Gather reading {table}, found {len(gathers)}")
     gather = gathers[0]
-    values, made_from = _float_table(graph, table)
-    codes, scales = pack_rows(values, group)
+    in_graph, made_from = _float_table(graph, table)
+    if values is None:
+        values = in_graph
+    elif values.shape != in_graph.shape:
+        raise ValueError(f"values {values.shape} do not match the table {in_graph.shape}")
+    codes, scales = pack_rows(values, group, scales)
     prefix = f"{table}.nibbles"
     ids, out = gather.input[1], gather.output[0]
     dim, groups = values.shape[1], values.shape[1] // group

@@ -34,13 +34,16 @@ from worker.training.distil import (
     train_student,
 )
 from worker.training.export import export_onnx, quantise_static, verify_parity
-from worker.training.students import StudentConfig, initial_embeddings
+from worker.training.nibbles import embedding_to_4bit, gathered_table, snap_rows
+from worker.training.students import StudentConfig, build_student, initial_embeddings
 from worker.training.targets import disagreement_weights
 from worker.training.vocab import count_pieces, prune
+from worker.training.warm_start import warm_start_weights
 
 log = structlog.get_logger(__name__)
 
 MIN_INT8_AGREEMENT = 0.995
+TABLE_GROUP = 32  # values per 4-bit scale in a ``table_bits`` student's embedding table
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class TrainRequest:
     bag_hidden: int = 256
     min_count: int = 1
     parity_texts: tuple[str, ...] = ()
+    #: A published student of the same architecture and vocabulary whose weights start this one
+    #: (read back from its model.onnx, `worker.training.warm_start`); None: a fresh start.
+    init_from: Path | None = None
     command: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
     # arch "pruned" only (see worker.training.pruned.run)
@@ -133,6 +139,14 @@ def train_model_dir(
     # another student behind the same path (or other embeddings) is not resumed.
     identities = [weighting.get("student") if weighting else None]
     identities.append(request.teacher_embeddings_id if config.embedding_weight > 0 else None)
+    start: dict[str, Any] | None = None
+    if request.init_from is not None:
+        shapes = {k: tuple(v.shape) for k, v in build_student(student_config).state_dict().items()}
+        start = dict(warm_start_weights(request.init_from, tokenizer.get_vocab(), shapes))
+        card_path = request.init_from / "card.json"
+        identities.append(
+            str(json.loads(card_path.read_text()).get("version")) if card_path.exists() else None
+        )
     result = train_student(
         student_config,
         embeddings,
@@ -142,7 +156,54 @@ def train_model_dir(
         config,
         checkpoint=checkpoint,
         fingerprint_extra=json.dumps(identities) if any(identities) else "",
+        start_from=start,
     )
+    table: dict[str, Any] | None = None
+    scales: npt.NDArray[np.float16] | None = None
+    snapped: npt.NDArray[np.float32] | None = None
+    if config.table_bits:
+        first = result
+        snapped, scales = snap_rows(first.model.embedding.weight.detach().numpy(), TABLE_GROUP)
+        second = replace(
+            config,
+            epochs=config.table_epochs,
+            patience=config.table_epochs,
+            warmup_epochs=0.0,
+            learning_rate=config.learning_rate * config.plateau_factor,
+            embedding_weight=0.0,
+        )
+        log.info(
+            "table_snapped", bits=config.table_bits, group=TABLE_GROUP, then="training the rest around it"
+        )
+        digest = hashlib.sha256(snapped.tobytes()).hexdigest()[:16]
+        result = train_student(
+            student_config,
+            snapped,
+            tokenizer,
+            train_source,
+            valid_source,
+            second,
+            checkpoint=checkpoint.with_name(checkpoint.name + f".table{config.table_bits}"),
+            fingerprint_extra=digest,
+            start_from={k: v for k, v in first.model.state_dict().items() if k != "embedding.weight"},
+            freeze_embeddings=True,
+        )
+        table = {
+            "bits": config.table_bits,
+            "group": TABLE_GROUP,
+            "scale": "float16 max|w| / 7 per group",
+            "frozen_table_training": {"epochs": second.epochs, "learning_rate": second.learning_rate},
+            "valid_loss_before_snap": min((h["valid_loss"] for h in first.history), default=None),
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "seconds": round(result.seconds, 1),
+        }
+        result = replace(
+            result,
+            history=first.history + result.history,
+            best_epoch=first.best_epoch,
+            seconds=first.seconds + result.seconds,
+        )
     log.info("exporting", fp32="fp32.onnx", then="INT8 static quantisation (about a minute)")
 
     out = request.out
@@ -151,6 +212,12 @@ def train_model_dir(
     int8 = staging / "int8.onnx"
     calibration = [e.text for _, e in zip(range(512), train_source(), strict=False)]
     quantise_static(fp32, int8, tokenizer, calibration, config.max_length)
+    if table is not None:
+        import onnx
+
+        quantised = onnx.load(str(int8))
+        table["sizes"] = embedding_to_4bit(quantised, gathered_table(quantised), TABLE_GROUP, scales, snapped)
+        onnx.save(quantised, str(int8))
     parity_texts = list(request.parity_texts) or [e.text for e in valid_source()]
     parity = verify_parity(fp32, int8, tokenizer, parity_texts, config.max_length)
     ship_int8 = parity["label_agreement"] >= MIN_INT8_AGREEMENT
@@ -200,12 +267,15 @@ def train_model_dir(
         "training": {
             **{k: v for k, v in config.__dict__.items()},
             **({"disagreement_weighting": weighting} if weighting is not None else {}),
+            **({"init_from": {"path": str(request.init_from), "version": identities[-1]}} if start else {}),
             "best_epoch": result.best_epoch,
             "seconds": round(result.seconds, 1),
             "history": result.history,
         },
         "int8": {
-            "quantisation": "static QDQ, per-channel INT8 weights, UINT8 activations, 512 calibration texts",
+            "quantisation": "static QDQ, per-channel INT8 weights, UINT8 activations, 512 calibration texts"
+            + ("; the embedding table at 4 bits, trained around (see table)" if table is not None else ""),
+            **({"table": table} if table is not None else {}),
             "parity": parity,
             "min_agreement": MIN_INT8_AGREEMENT,
             "shipped": ship_int8,
@@ -220,6 +290,7 @@ def train_model_dir(
     }
     card = publish_model_dir(staging, out, card)
     checkpoint.unlink(missing_ok=True)
+    checkpoint.with_name(checkpoint.name + f".table{config.table_bits}").unlink(missing_ok=True)
     return card
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from worker.training.distil import TrainProgress, encode  # noqa: E402
+from worker.training.distil import encode  # noqa: E402
+from worker.training.progress import TrainProgress  # noqa: E402
 
 log = structlog.get_logger(__name__)
 Array = npt.NDArray[np.float32]
@@ -153,7 +154,7 @@ class PrunedTransformer(nn.Module):
             for norm in ("aln", "oln"):
                 ln = getattr(layer, norm)
                 tensors[f"l{i}.{norm}.w"], tensors[f"l{i}.{norm}.b"] = arr(ln.weight), arr(ln.bias)
-        encoder = PrunedEncoder(self.source.layers, self.source.config, self.source.vocab, tensors)
+        encoder = replace(self.source, tensors=tensors)
         head = HeadWeights(
             layers=tuple((arr(linear.weight).T.copy(), arr(linear.bias)) for linear in self.head),
             groups=self.groups,

@@ -33,6 +33,7 @@ from tokenizers import Tokenizer, normalizers, processors
 from worker.errors import MissingExtra
 from worker.teacher.e5format import E5Config, E5File, E5Vocab
 from worker.teacher.onnx_graph import OPSET, HeadWeights, _encoder_nodes, _Graph, _head_nodes
+from worker.training.nibbles import embedding_to_4bit
 from worker.training.vocab import PrunedVocab, prune
 
 try:
@@ -123,6 +124,9 @@ class PrunedEncoder:
     config: E5Config
     vocab: E5Vocab
     tensors: dict[str, Array]
+    # The teacher's Q4_0 scales of ``emb.word``'s rows: the table is frozen in training, so it
+    # can be stored at 4 bits exactly as the teacher stores it (`quantise_guarded`).
+    word_scales: npt.NDArray[np.float16] | None = None
 
     def tensor(self, name: str, rows: npt.NDArray[np.int64] | None = None) -> Array:
         array = self.tensors[name]
@@ -145,7 +149,8 @@ def teacher_rows(teacher_ids: npt.NDArray[np.int64], unk: int) -> npt.NDArray[np
 def cut_encoder(e5: E5File, layers: Sequence[int], vocab: PrunedVocab) -> PrunedEncoder:
     """Dequantise the embeddings for the student's vocabulary and the chosen layers only."""
     layers = tuple(layers)
-    word = e5.tensor("emb.word", rows=teacher_rows(vocab.teacher_ids, e5.vocab.unk))
+    rows = teacher_rows(vocab.teacher_ids, e5.vocab.unk)
+    word = e5.tensor("emb.word", rows=rows)
     word[0] = 0.0  # <pad>: masked everywhere; zero keeps the table honest
     tensors: dict[str, Array] = {
         "emb.word": word,
@@ -172,7 +177,13 @@ def cut_encoder(e5: E5File, layers: Sequence[int], vocab: PrunedVocab) -> Pruned
         unk=1,
         normalisation={},
     )
-    return PrunedEncoder(layers=layers, config=config, vocab=student_vocab, tensors=tensors)
+    return PrunedEncoder(
+        layers=layers,
+        config=config,
+        vocab=student_vocab,
+        tensors=tensors,
+        word_scales=e5.block_scales("emb.word", rows),
+    )
 
 
 def build_graph(encoder: PrunedEncoder, head: HeadWeights | None) -> onnx.ModelProto:
@@ -243,15 +254,22 @@ def quantise_naive(fp32: Path, int8: Path) -> Path:
 
 
 def quantise_guarded(
-    fp32: Path, int8: Path, quantise_embedding: bool = True, weight_only: Sequence[str] = ()
+    fp32: Path,
+    int8: Path,
+    quantise_embedding: bool = True,
+    weight_only: Sequence[str] = (),
+    word_scales: npt.NDArray[np.float16] | None = None,
 ) -> Path:
     """Per-channel dynamic INT8 on `encoder_weight_matmuls`, weight-only INT8 on the MatMul
-    weights named by the ``weight_only`` suffixes (e.g. `WEIGHT_ONLY`), plus a per-row INT8
+    weights named by the ``weight_only`` suffixes (e.g. `WEIGHT_ONLY`), plus a compact
     embedding table.
 
-    The embedding table is most of a pruned model's bytes. It is stored as INT8 with one float
-    scale per row (symmetric, ``max|row| / 127``) and dequantised after the Gather, so only the
-    looked-up rows are touched and no activation is ever quantised for it.
+    The embedding table is most of a pruned model's bytes. With ``word_scales`` (the teacher's
+    Q4_0 scales of its rows, `PrunedEncoder.word_scales`) it is stored at 4 bits on exactly the
+    teacher's grid (`worker.training.nibbles`): the rows are the teacher's own and training
+    leaves them frozen, so this loses nothing. Otherwise it is INT8 with one float scale per row
+    (symmetric, ``max|row| / 127``). Either is unpacked after the Gather, so only the looked-up
+    rows are touched and no activation is ever quantised for it.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -268,7 +286,9 @@ def quantise_guarded(
         extra_options={"MatMulConstBOnly": True},
     )
     quantised = onnx.load(str(int8))
-    if quantise_embedding:
+    if quantise_embedding and word_scales is not None:
+        embedding_to_4bit(quantised, "emb.word", word_scales_group(quantised, word_scales), word_scales)
+    elif quantise_embedding:
         _quantise_embedding_rows(quantised, "emb.word")
     _weight_only_int8(quantised, weight_only)
     onnx.save(quantised, str(int8))
@@ -315,6 +335,15 @@ def _weight_only_int8(model: onnx.ModelProto, suffixes: Sequence[str]) -> None:
                 axis=1,
             ),
         )
+
+
+def word_scales_group(model: onnx.ModelProto, word_scales: npt.NDArray[np.float16]) -> int:
+    """The 4-bit group size ``word_scales`` implies for ``emb.word``'s width."""
+    table = next(t for t in model.graph.initializer if t.name == "emb.word")
+    width = int(table.dims[1])
+    if width % word_scales.shape[1]:
+        raise ValueError(f"{word_scales.shape[1]} scales per row do not divide a width of {width}")
+    return int(width // word_scales.shape[1])
 
 
 def _quantise_embedding_rows(model: onnx.ModelProto, name: str) -> None:

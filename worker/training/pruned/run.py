@@ -224,7 +224,9 @@ def train_pruned_model_dir(
     # The smallest guarded INT8 first (FFN output weights INT8 too), then without that.
     for weight_only in (WEIGHT_ONLY, ()):
         log.info("quantising", int8="guarded dynamic INT8, then its parity with FP32 (a minute or more)")
-        int8 = quantise_guarded(fp32, staging / "int8.onnx", weight_only=weight_only)
+        int8 = quantise_guarded(
+            fp32, staging / "int8.onnx", weight_only=weight_only, word_scales=encoder.word_scales
+        )
         parity: dict[str, Any] = {
             **verify_parity(fp32, int8, tokenizer, parity_texts, config.max_length, threads),
             "weight_only_int8": list(weight_only),
@@ -296,7 +298,12 @@ def train_pruned_model_dir(
             "quantisation": "per-channel dynamic INT8 on the q, k, v, attention-output and FFN-input weight "
             "MatMuls only (LayerNorm, Erf-GELU, Softmax, attention MatMuls and head stay float; the FFN "
             "output weights INT8 per column, multiplied in float, where parity allows: see "
-            "parity.weight_only_int8) + per-row symmetric INT8 word embeddings",
+            "parity.weight_only_int8) + word embeddings "
+            + (
+                "at 4 bits on the teacher's own Q4_0 grid (frozen teacher rows, stored exactly)"
+                if encoder.word_scales is not None
+                else "per-row symmetric INT8"
+            ),
             "parity": parity,
             "naive_dynamic_parity": {**naive_parity, "bytes": naive_bytes},
             "min_agreement": MIN_INT8_AGREEMENT,

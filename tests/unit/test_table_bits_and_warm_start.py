@@ -1,0 +1,162 @@
+"""``table_bits``: a CNN student trained around a frozen 4-bit embedding table ships that table
+at 4 bits exactly, and its INT8 model is checked against the float one like any other; and warm
+starts (``init_from``) from a published student's served model."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from tokenizers import Tokenizer
+
+from worker.loop.dataset import DatasetWriter, ShardRows
+from worker.models.student import Student
+from worker.teacher.e5format import E5File, default_weights_path
+from worker.teacher.tokenizer import build_tokenizer
+from worker.training.distil import TrainConfig
+from worker.training.nibbles import snap_rows, unpack_rows
+from worker.training.run import TABLE_GROUP, TrainRequest, train_model_dir
+
+LABELS = ("Action", "Other", "Recall")
+TEXTS = [
+    "set an alarm for seven",
+    "turn off the kitchen lights",
+    "what did i order last week",
+    "remind me what we talked about",
+    "tell me a joke",
+    "how tall is the eiffel tower",
+    "pon una alarma a las siete",
+    "qu'est-ce que j'ai acheté hier",
+    "明日の天気を教えて",
+    "알람 맞춰 줘",
+    "включи свет на кухне",
+    "bonjour, ça va ?",
+]
+
+
+@functools.cache
+def _e5() -> E5File:
+    return E5File(default_weights_path())
+
+
+def _teacher_tokenizer() -> Tokenizer:
+    tokenizer = build_tokenizer(_e5().vocab, max_length=512)
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def _dataset(path: Path) -> Path:
+    texts = [f"{t} {i}" for i in range(8) for t in TEXTS]
+    logits = np.array([[3.0, 0.0, -1.0], [0.0, 3.0, -1.0], [-1.0, 0.0, 3.0]], np.float32)
+    targets = [logits[i % 3] for i in range(len(texts))]
+    writer = DatasetWriter(path, "teacher@test", LABELS)
+    writer.write_shard(
+        "a",
+        ShardRows(
+            ids=[f"r{i}" for i in range(len(texts))],
+            texts=texts,
+            locales=["en"] * len(texts),
+            teacher_logits=targets,
+            teacher_labels=[LABELS[int(t.argmax())] for t in targets],
+            sources=["test"] * len(texts),
+        ),
+    )
+    return path
+
+
+def _train(
+    tmp_path: Path, table_bits: int, init_from: Path | None = None, epochs: int = 2, min_count: int = 1
+) -> dict[str, object]:
+    data = tmp_path / "ds"
+    request = TrainRequest(
+        arch="cnn",
+        out=tmp_path / f"student-{table_bits}-{'warm' if init_from else 'cold'}",
+        datasets=(data if data.exists() else _dataset(data),),
+        init_from=init_from,
+        min_count=min_count,
+        filters=8,
+        kernel_sizes=(2, 3),
+        embedding_dim=32,
+        parity_texts=tuple(TEXTS),
+        train=TrainConfig(
+            epochs=epochs,
+            batch_size=16,
+            threads=1,
+            valid_fraction=0.2,
+            table_bits=table_bits,
+            table_epochs=1,
+        ),
+    )
+    return train_model_dir(request, _teacher_tokenizer(), _e5(), "teacher@test")
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_the_shipped_table_is_the_trained_float_table_at_4_bits(tmp_path: Path) -> None:
+    card = _train(tmp_path, table_bits=4)
+    out = tmp_path / "student-4-cold"
+    table = card["int8"]["table"]  # type: ignore[index]
+    assert table["bits"] == 4 and table["group"] == TABLE_GROUP
+    assert len(table["history"]) == 1  # the epoch around the frozen table
+    assert len(card["training"]["history"]) == 3  # type: ignore[index]
+    float_table = _initializers(out / "fp32.onnx")["embedding.weight"]
+    # The float model's table is already on its 4-bit grid: training left the snapped rows alone.
+    snapped, _ = snap_rows(float_table, TABLE_GROUP)
+    np.testing.assert_array_equal(snapped, float_table)
+    assert card["int8"]["shipped"]  # type: ignore[index]
+    served = _initializers(out / "model.onnx")
+    (codes,) = [v for k, v in served.items() if k.endswith(".nibbles.codes")]
+    (scales,) = [v for k, v in served.items() if k.endswith(".nibbles.scales")]
+    np.testing.assert_array_equal(unpack_rows(codes, scales, TABLE_GROUP), float_table)
+    assert not any(v.shape == float_table.shape for v in served.values())
+    student = Student(out, threads=1)
+    assert student.labels == LABELS
+    assert np.isfinite(student.logits(TEXTS)).all()
+    assert json.loads((out / "card.json").read_text())["int8"]["table"]["bits"] == 4
+
+
+def test_without_table_bits_the_table_stays_int8_and_trainable(tmp_path: Path) -> None:
+    card = _train(tmp_path, table_bits=0)
+    assert "table" not in card["int8"]  # type: ignore[operator]
+    assert not any(
+        name.endswith(".nibbles.codes") for name in _initializers(tmp_path / "student-0-cold" / "model.onnx")
+    )
+
+
+def test_a_warm_start_reads_the_served_int8_weights_back(tmp_path: Path) -> None:
+    from worker.training.warm_start import onnx_weights
+
+    _train(tmp_path, table_bits=0)
+    served = tmp_path / "student-0-cold"
+    floats = _initializers(served / "fp32.onnx")
+    names = {"embedding.weight", "convs.0.weight", "convs.1.bias", "out.weight", "out.bias"}
+    weights = onnx_weights(served / "model.onnx", names)
+    assert set(weights) == names
+    for name in names:
+        spread = float(np.abs(floats[name]).max())
+        np.testing.assert_allclose(weights[name], floats[name], atol=spread / 100, err_msg=name)
+
+
+def test_a_warm_start_with_no_epochs_then_table_bits_keeps_the_student_and_records_it(tmp_path: Path) -> None:
+    _train(tmp_path, table_bits=0)
+    served = tmp_path / "student-0-cold"
+    card = _train(tmp_path, table_bits=4, init_from=served, epochs=0)
+    version = json.loads((served / "card.json").read_text())["version"]
+    assert card["training"]["init_from"] == {"path": str(served), "version": version}  # type: ignore[index]
+    assert card["training"]["history"] and card["int8"]["table"]["valid_loss_before_snap"] is None  # type: ignore[index]
+    before = Student(served, threads=1).logits(TEXTS)
+    after = Student(tmp_path / "student-4-warm", threads=1).logits(TEXTS)
+    assert (before.argmax(1) == after.argmax(1)).mean() >= 0.75  # one epoch around the 4-bit table
+
+
+def test_a_warm_start_from_another_vocabulary_is_refused(tmp_path: Path) -> None:
+    _train(tmp_path, table_bits=0)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        _train(tmp_path, table_bits=0, init_from=tmp_path / "student-0-cold", min_count=5)
