@@ -67,12 +67,16 @@ student: corpus traffic ## Reproduce the shipped multilingual student in models/
 	$(BIN)/intent-worker train $(STUDENT_RECIPE) --out models/student
 	rm -f models/student/fp32.onnx
 
-levers: corpus traffic ## The shipped student's recipe with one lever each, into $(LEVERS): disagreement-weighted rows, the sentence-embedding target; and the CPU cascade (shipped cnn -> 2-layer pruned) (~1.5 h on 2 cores)
+levers: corpus traffic ## The shipped student's recipe with one lever each, into $(LEVERS): disagreement-weighted rows, the sentence-embedding target, the 4-bit table; and the CPU cascades (cnn -> 2-layer pruned) (~2 h on 2 cores)
 	$(BIN)/intent-worker train $(STUDENT_RECIPE) --disagreement-student models/student --out $(LEVERS)/disagreement
 	$(BIN)/intent-worker train $(STUDENT_RECIPE) --embedding-weight 1 --out $(LEVERS)/embedding
+	$(BIN)/intent-worker train $(STUDENT_RECIPE) --init-from models/student --epochs 0 --table-bits 4 \
+		--out $(LEVERS)/cnn-4bit
 	$(BIN)/intent-worker train --arch pruned --layers 0,11 --mode distil --epochs 1 --batch-size 128 --lr 1e-4 \
 		--min-count 2 --data $(DATASET) $(TRAFFIC) --out $(LEVERS)/pruned-0-11
 	$(BIN)/intent-worker cascade models/student $(LEVERS)/pruned-0-11 --escalate-below 0.1 --out $(LEVERS)/cascade-0.1
+	$(BIN)/intent-worker cascade $(LEVERS)/cnn-4bit $(LEVERS)/pruned-0-11 --escalate-below 0.1 \
+		--out $(LEVERS)/cascade-4bit
 
 cascade: corpus traffic-all ## The all-traffic students and their cascade into $(ML): cnn, pruned-0-11, cascade (DEVICE=cuda: ~10 min; hours on 2 cores)
 	$(BIN)/intent-worker train --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 192 --min-count 3 \

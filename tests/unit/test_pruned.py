@@ -210,6 +210,9 @@ def test_guarded_int8_keeps_parity_and_leaves_norms_float(tmp_path: Path) -> Non
     # The FFN output projections are stored INT8 and multiplied in float.
     assert ops.count("DequantizeLinear") == 2
     assert int8.stat().st_size < 0.45 * fp32.stat().st_size
+    # The trainer's middle fallback: the first layer's only.
+    first = quantise_guarded(fp32, tmp_path / "first.onnx", weight_only=("l0.fo.wT",))
+    assert [n.op_type for n in onnx.load(str(first)).graph.node].count("DequantizeLinear") == 1
 
 
 def test_teacher_rows_are_stored_at_4_bits_exactly(tmp_path: Path) -> None:

@@ -221,8 +221,11 @@ def train_pruned_model_dir(
     parity_texts = list(request.parity_texts) or [
         e.text for e in stream_examples(request.datasets, "valid", config)
     ]
-    # The smallest guarded INT8 first (FFN output weights INT8 too), then without that.
-    for weight_only in (WEIGHT_ONLY, ()):
+    # The smallest guarded INT8 first (every FFN output weight INT8 too), then the first layers'
+    # only (the last layer's FFN output feeds the pooled embedding straight), then none.
+    n_layers = len(request.layers)
+    first_layers = tuple(f"l{i}{WEIGHT_ONLY[0]}" for i in range(n_layers - 1))
+    for weight_only in (WEIGHT_ONLY, *((first_layers,) if first_layers else ()), ()):
         log.info("quantising", int8="guarded dynamic INT8, then its parity with FP32 (a minute or more)")
         int8 = quantise_guarded(
             fp32, staging / "int8.onnx", weight_only=weight_only, word_scales=encoder.word_scales
