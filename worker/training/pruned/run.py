@@ -43,7 +43,6 @@ from worker.teacher.onnx_graph import HeadWeights
 from worker.training.distil import stream_examples
 from worker.training.export import verify_parity
 from worker.training.pruned.encoder import (
-    WEIGHT_ONLY,
     PrunedMode,
     build_graph,
     build_pruned_tokenizer,
@@ -52,6 +51,7 @@ from worker.training.pruned.encoder import (
     quantise_naive,
     run_graph,
     vocabulary_report,
+    weight_only_tries,
 )
 from worker.training.run import MIN_INT8_AGREEMENT, TrainRequest, new_staging, publish_model_dir
 from worker.training.vocab import count_pieces
@@ -221,11 +221,7 @@ def train_pruned_model_dir(
     parity_texts = list(request.parity_texts) or [
         e.text for e in stream_examples(request.datasets, "valid", config)
     ]
-    # The smallest guarded INT8 first (every FFN output weight INT8 too), then the first layers'
-    # only (the last layer's FFN output feeds the pooled embedding straight), then none.
-    n_layers = len(request.layers)
-    first_layers = tuple(f"l{i}{WEIGHT_ONLY[0]}" for i in range(n_layers - 1))
-    for weight_only in (WEIGHT_ONLY, *((first_layers,) if first_layers else ()), ()):
+    for weight_only in weight_only_tries(len(request.layers)):
         log.info("quantising", int8="guarded dynamic INT8, then its parity with FP32 (a minute or more)")
         int8 = quantise_guarded(
             fp32, staging / "int8.onnx", weight_only=weight_only, word_scales=encoder.word_scales
