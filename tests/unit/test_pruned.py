@@ -33,6 +33,7 @@ from worker.training.pruned.encoder import (
     parse_layers,
     quantise_guarded,
     run_graph,
+    weight_only_tries,
 )
 from worker.training.pruned.run import HeadRecipe, PrunedInputs, train_pruned_model_dir
 from worker.training.run import TrainRequest
@@ -210,9 +211,17 @@ def test_guarded_int8_keeps_parity_and_leaves_norms_float(tmp_path: Path) -> Non
     # The FFN output projections are stored INT8 and multiplied in float.
     assert ops.count("DequantizeLinear") == 2
     assert int8.stat().st_size < 0.45 * fp32.stat().st_size
-    # The trainer's middle fallback: the first layer's only.
-    first = quantise_guarded(fp32, tmp_path / "first.onnx", weight_only=("l0.fo.wT",))
-    assert [n.op_type for n in onnx.load(str(first)).graph.node].count("DequantizeLinear") == 1
+    # The trainer's tries, smallest first: every FFN output and the head's first weight, the
+    # first layer's FFN output and the head, the head, nothing.
+    tries = weight_only_tries(2)
+    assert tries == [(".fo.wT", "head0.w"), ("l0.fo.wT", "head0.w"), ("head0.w",), ()]
+    assert weight_only_tries(1) == [(".fo.wT", "head0.w"), ("head0.w",), ()]
+    sizes = []
+    for i, weight_only in enumerate(tries):
+        model = quantise_guarded(fp32, tmp_path / f"try{i}.onnx", weight_only=weight_only)
+        assert [n.op_type for n in onnx.load(str(model)).graph.node].count("DequantizeLinear") == 3 - i
+        sizes.append(model.stat().st_size)
+    assert sizes == sorted(sizes)
 
 
 def test_teacher_rows_are_stored_at_4_bits_exactly(tmp_path: Path) -> None:
