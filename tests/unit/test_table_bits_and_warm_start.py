@@ -156,6 +156,15 @@ def test_a_warm_start_with_no_epochs_then_table_bits_keeps_the_student_and_recor
     assert (before.argmax(1) == after.argmax(1)).mean() >= 0.75  # one epoch around the 4-bit table
 
 
+def test_a_warm_start_reads_a_4_bit_table_back_exactly(tmp_path: Path) -> None:
+    from worker.training.warm_start import onnx_weights
+
+    _train(tmp_path, table_bits=4)
+    served = tmp_path / "student-4-cold"
+    table = onnx_weights(served / "model.onnx", {"embedding.weight"})["embedding.weight"]
+    np.testing.assert_array_equal(table, _initializers(served / "fp32.onnx")["embedding.weight"])
+
+
 def test_a_warm_start_from_another_vocabulary_is_refused(tmp_path: Path) -> None:
     _train(tmp_path, table_bits=0)
     with pytest.raises(ValueError, match="another vocabulary"):

@@ -4,7 +4,8 @@ A published model directory keeps only ``model.onnx`` (usually static-QDQ INT8);
 export is not committed. Its weights are still all there: float initializers as they are, and
 each quantised one as the ``<name>_quantized`` / ``<name>_scale`` / ``<name>_zero_point``
 triple that onnxruntime's quantiser writes, dequantised here ((q - zero) * scale, per channel
-along axis 0 where the scale is a vector). The names are the torch parameter names the
+along axis 0 where the scale is a vector), and a 4-bit table as its codes and scales
+(``--table-bits 4``). The names are the torch parameter names the
 exporter used, so the result loads into a fresh student of the same configuration.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from worker.errors import MissingExtra
+from worker.training.nibbles import unpack_rows
 
 try:
     import onnx
@@ -38,6 +40,11 @@ def onnx_weights(path: Path, names: set[str]) -> dict[str, Array]:
     for name in names:
         if name in tensors and tensors[name].dtype == np.float32:
             weights[name] = tensors[name].astype(np.float32)
+            continue
+        nibbles = [k for k in tensors if k.startswith(name) and k.endswith(".nibbles.codes")]
+        if len(nibbles) == 1:  # a 4-bit table (`worker.training.nibbles`)
+            packed, scales = tensors[nibbles[0]], tensors[nibbles[0].removesuffix("codes") + "scales"]
+            weights[name] = unpack_rows(packed, scales, packed.shape[1] * 2 // scales.shape[1])
             continue
         codes = tensors.get(name + _QUANTISED)
         scale = tensors.get(name + _QUANTISED + "_scale", tensors.get(name + "_scale"))
