@@ -76,14 +76,18 @@ student: corpus traffic $(PREVIOUS_STUDENT)/card.json ## Reproduce the shipped m
 		--out models/student
 	rm -f models/student/fp32.onnx
 
-levers: corpus traffic $(PREVIOUS_STUDENT)/card.json ## The shipped student's recipe with one lever each, into $(LEVERS): disagreement-weighted rows, the sentence-embedding target, the 4-bit table; and the CPU cascades (cnn -> 2-layer pruned) (~2 h on 2 cores)
-	$(BIN)/intent-worker train $(STUDENT_RECIPE) --disagreement-student models/student --out $(LEVERS)/disagreement
+levers: corpus traffic $(PREVIOUS_STUDENT)/card.json ## The shipped student's recipe with one lever each, into $(LEVERS): disagreement-weighted rows, the sentence-embedding target, the 4-bit table; smaller pruned students; and the CPU cascades (~2.5 h on 2 cores)
+	$(BIN)/intent-worker train $(STUDENT_RECIPE) --disagreement-student $(PREVIOUS_STUDENT) --out $(LEVERS)/disagreement
 	$(BIN)/intent-worker train $(STUDENT_RECIPE) --embedding-weight 1 --out $(LEVERS)/embedding
 	$(BIN)/intent-worker train $(STUDENT_RECIPE) --init-from $(PREVIOUS_STUDENT) --epochs 0 --table-bits 4 \
 		--out $(LEVERS)/cnn-4bit
 	$(BIN)/intent-worker train --arch pruned --layers 0,11 --mode distil --epochs 1 --batch-size 128 --lr 1e-4 \
 		--min-count 2 --data $(DATASET) $(TRAFFIC) --out $(LEVERS)/pruned-0-11
-	$(BIN)/intent-worker cascade models/student $(LEVERS)/pruned-0-11 --escalate-below 0.1 --out $(LEVERS)/cascade-0.1
+	$(BIN)/intent-worker train --arch pruned --layers 0,11 --mode distil --epochs 1 --batch-size 128 --lr 1e-4 \
+		--min-count 4 --data $(DATASET) $(TRAFFIC) --out $(LEVERS)/pruned-0-11-mc4
+	$(BIN)/intent-worker train --arch pruned --layers 0 --mode distil --epochs 1 --batch-size 128 --lr 1e-4 \
+		--min-count 4 --data $(DATASET) $(TRAFFIC) --out $(LEVERS)/pruned-0-mc4
+	$(BIN)/intent-worker cascade $(PREVIOUS_STUDENT) $(LEVERS)/pruned-0-11 --escalate-below 0.1 --out $(LEVERS)/cascade-0.1
 	$(BIN)/intent-worker cascade $(LEVERS)/cnn-4bit $(LEVERS)/pruned-0-11 --escalate-below 0.1 \
 		--out $(LEVERS)/cascade-4bit
 
