@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from dataset_fixture import write_dataset
 from e5_fixture import TinyE5, reference_embedding, write_tiny_e5
 from tokenizers import Tokenizer
 
 from worker.data.corpora import LabelledSet
-from worker.loop.dataset import DatasetWriter, ShardRows
 from worker.models.student import Student
 from worker.teacher import E5_PREFIX
 from worker.teacher.e5format import E5File, default_weights_path
@@ -265,21 +265,8 @@ def test_guarded_int8_with_teacher_scales_halves_the_table(tmp_path: Path) -> No
 
 def _dataset(path: Path) -> Path:
     texts = CORPUS * 4
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((len(texts), 3)).astype(np.float32) * 2
-    writer = DatasetWriter(path, "teacher@test", LABELS)
-    writer.write_shard(
-        "a",
-        ShardRows(
-            ids=[f"r{i}" for i in range(len(texts))],
-            texts=texts,
-            locales=["en"] * len(texts),
-            teacher_logits=list(logits),
-            teacher_labels=[LABELS[int(i)] for i in logits.argmax(1)],
-            sources=["test"] * len(texts),
-        ),
-    )
-    return path
+    logits = np.random.default_rng(0).standard_normal((len(texts), 3)).astype(np.float32) * 2
+    return write_dataset(path, texts, logits, LABELS)
 
 
 def _head_data() -> LabelledSet:

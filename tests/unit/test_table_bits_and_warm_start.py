@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from dataset_fixture import write_dataset
 from onnx import numpy_helper
 from tokenizers import Tokenizer
 
-from worker.loop.dataset import DatasetWriter, ShardRows
 from worker.models.student import Student
 from worker.teacher.e5format import E5File, default_weights_path
 from worker.teacher.tokenizer import build_tokenizer
@@ -53,20 +53,7 @@ def _teacher_tokenizer() -> Tokenizer:
 def _dataset(path: Path) -> Path:
     texts = [f"{t} {i}" for i in range(8) for t in TEXTS]
     logits = np.array([[3.0, 0.0, -1.0], [0.0, 3.0, -1.0], [-1.0, 0.0, 3.0]], np.float32)
-    targets = [logits[i % 3] for i in range(len(texts))]
-    writer = DatasetWriter(path, "teacher@test", LABELS)
-    writer.write_shard(
-        "a",
-        ShardRows(
-            ids=[f"r{i}" for i in range(len(texts))],
-            texts=texts,
-            locales=["en"] * len(texts),
-            teacher_logits=targets,
-            teacher_labels=[LABELS[int(t.argmax())] for t in targets],
-            sources=["test"] * len(texts),
-        ),
-    )
-    return path
+    return write_dataset(path, texts, logits[np.arange(len(texts)) % 3], LABELS)
 
 
 def _train(
