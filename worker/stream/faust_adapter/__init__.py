@@ -306,6 +306,9 @@ async def reset_partition(app: faust.App, tp: TP, offset: int) -> None:
     consumer._acked_index.pop(tp, None)  # type: ignore[attr-defined]
     consumer._gap.pop(tp, None)  # type: ignore[attr-defined]
     consumer._committed_offset[tp] = None  # type: ignore[attr-defined]
+    # Forgotten before the seek as well as after: records of the new log that arrive while the
+    # seek is awaited (a fetch already in flight from the target) must not be dropped as read.
+    consumer._read_offset[tp] = None  # type: ignore[attr-defined]
     await consumer.seek(tp, offset)
     consumer._read_offset[tp] = None  # type: ignore[attr-defined]
 
