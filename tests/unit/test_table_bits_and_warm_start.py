@@ -50,20 +50,25 @@ def _teacher_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _dataset(path: Path) -> Path:
-    texts = [f"{t} {i}" for i in range(8) for t in TEXTS]
+def _dataset(path: Path, texts: list[str] = TEXTS) -> Path:
+    rows = [f"{t} {i}" for i in range(8) for t in texts]
     logits = np.array([[3.0, 0.0, -1.0], [0.0, 3.0, -1.0], [-1.0, 0.0, 3.0]], np.float32)
-    return write_dataset(path, texts, logits[np.arange(len(texts)) % 3], LABELS)
+    return write_dataset(path, rows, logits[np.arange(len(rows)) % 3], LABELS)
 
 
 def _train(
-    tmp_path: Path, table_bits: int, init_from: Path | None = None, epochs: int = 2, min_count: int = 1
+    tmp_path: Path,
+    table_bits: int,
+    init_from: Path | None = None,
+    epochs: int = 2,
+    min_count: int = 1,
+    texts: list[str] = TEXTS,
 ) -> dict[str, object]:
-    data = tmp_path / "ds"
+    data = tmp_path / f"ds-{abs(hash(tuple(texts)))}"
     request = TrainRequest(
         arch="cnn",
         out=tmp_path / f"student-{table_bits}-{'warm' if init_from else 'cold'}",
-        datasets=(data if data.exists() else _dataset(data),),
+        datasets=(data if data.exists() else _dataset(data, texts),),
         init_from=init_from,
         min_count=min_count,
         filters=8,
@@ -136,7 +141,14 @@ def test_a_warm_start_with_no_epochs_then_table_bits_keeps_the_student_and_recor
     served = tmp_path / "student-0-cold"
     card = _train(tmp_path, table_bits=4, init_from=served, epochs=0)
     version = json.loads((served / "card.json").read_text())["version"]
-    assert card["training"]["init_from"] == {"path": str(served), "version": version}  # type: ignore[index]
+    init = card["training"]["init_from"]  # type: ignore[index]
+    assert init == {
+        "path": str(served),
+        "version": version,
+        "copied": init["copied"],
+        "mapped": 0,
+        "shared_pieces": 1.0,
+    }
     assert card["training"]["history"] and card["int8"]["table"]["valid_loss_before_snap"] is None  # type: ignore[index]
     before = Student(served, threads=1).logits(TEXTS)
     after = Student(tmp_path / "student-4-warm", threads=1).logits(TEXTS)
@@ -152,7 +164,29 @@ def test_a_warm_start_reads_a_4_bit_table_back_exactly(tmp_path: Path) -> None:
     np.testing.assert_array_equal(table, _initializers(served / "fp32.onnx")["embedding.weight"])
 
 
-def test_a_warm_start_from_another_vocabulary_is_refused(tmp_path: Path) -> None:
+def test_a_warm_start_into_a_larger_vocabulary_copies_rows_by_piece_and_maps_the_new_ones(
+    tmp_path: Path,
+) -> None:
+    from worker.training.warm_start import onnx_weights
+
+    _train(tmp_path, table_bits=0, texts=TEXTS[:9])  # an earlier generation, on less text
+    served = tmp_path / "student-0-cold"
+    card = _train(tmp_path, table_bits=0, init_from=served, epochs=0)  # every text
+    init = card["training"]["init_from"]  # type: ignore[index]
+    assert init["mapped"] > 0 and init["copied"] > 0 and init["shared_pieces"] >= 0.5
+    old_vocabulary = Tokenizer.from_file(str(served / "tokenizer.json")).get_vocab()
+    new_vocabulary = Tokenizer.from_file(str(tmp_path / "student-0-warm" / "tokenizer.json")).get_vocab()
+    old_table = onnx_weights(served / "model.onnx", {"embedding.weight"})["embedding.weight"]
+    new_table = _initializers(tmp_path / "student-0-warm" / "fp32.onnx")["embedding.weight"]  # no epochs
+    shared = [piece for piece in new_vocabulary if piece in old_vocabulary]
+    assert len(shared) == init["copied"] and len(new_vocabulary) - len(shared) == init["mapped"]
+    for piece in shared:
+        np.testing.assert_array_equal(new_table[new_vocabulary[piece]], old_table[old_vocabulary[piece]])
+    assert np.isfinite(new_table).all()
+
+
+def test_a_warm_start_from_a_student_of_other_text_is_refused(tmp_path: Path) -> None:
     _train(tmp_path, table_bits=0)
-    with pytest.raises(ValueError, match="another vocabulary"):
-        _train(tmp_path, table_bits=0, init_from=tmp_path / "student-0-cold", min_count=5)
+    other = ["ხვალ დილის შვიდზე მაღვიძარა", "ነገ ጠዋት በሰባት ሰዓት አስነሳኝ", "พรุ่งนี้ปลุกฉันตอนเจ็ดโมง"]
+    with pytest.raises(ValueError, match="shares only"):
+        _train(tmp_path, table_bits=0, init_from=tmp_path / "student-0-cold", texts=other)

@@ -176,7 +176,7 @@ def add_model_commands(commands: Any) -> None:
         metavar="MODEL_DIR",
         default=None,
         help="cnn/bag: start from this published student's weights (read back from its model.onnx; "
-        "same architecture, data and --min-count, so the same vocabulary), e.g. the one serving",
+        "same architecture; a changed vocabulary keeps the rows of shared pieces), e.g. the one serving",
     )
     train.add_argument(
         "--table-bits",

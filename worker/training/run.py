@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from worker.training.nibbles import embedding_to_4bit, gathered_table, snap_rows
 from worker.training.students import StudentConfig, build_student, initial_embeddings
 from worker.training.targets import disagreement_weights
 from worker.training.vocab import count_pieces, prune
-from worker.training.warm_start import warm_start_weights
+from worker.training.warm_start import Remap, warm_start_weights
 
 log = structlog.get_logger(__name__)
 
@@ -140,9 +140,11 @@ def train_model_dir(
     identities = [weighting.get("student") if weighting else None]
     identities.append(request.teacher_embeddings_id if config.embedding_weight > 0 else None)
     start: dict[str, Any] | None = None
+    remap: Remap | None = None
     if request.init_from is not None:
         shapes = {k: tuple(v.shape) for k, v in build_student(student_config).state_dict().items()}
-        start = dict(warm_start_weights(request.init_from, tokenizer.get_vocab(), shapes))
+        loaded, remap = warm_start_weights(request.init_from, tokenizer.get_vocab(), shapes, embeddings)
+        start = dict(loaded)
         card_path = request.init_from / "card.json"
         identities.append(
             str(json.loads(card_path.read_text()).get("version")) if card_path.exists() else None
@@ -267,7 +269,11 @@ def train_model_dir(
         "training": {
             **{k: v for k, v in config.__dict__.items()},
             **({"disagreement_weighting": weighting} if weighting is not None else {}),
-            **({"init_from": {"path": str(request.init_from), "version": identities[-1]}} if start else {}),
+            **(
+                {"init_from": {"path": str(request.init_from), "version": identities[-1], **asdict(remap)}}
+                if remap is not None
+                else {}
+            ),
             "best_epoch": result.best_epoch,
             "seconds": round(result.seconds, 1),
             "history": result.history,

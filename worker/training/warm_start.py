@@ -11,6 +11,7 @@ exporter used, so the result loads into a fresh student of the same configuratio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy.typing as npt
 
 from worker.errors import MissingExtra
 from worker.training.nibbles import unpack_rows
+from worker.training.vocab import FIRST_PIECE_ID
 
 try:
     import onnx
@@ -58,28 +60,70 @@ def onnx_weights(path: Path, names: set[str]) -> dict[str, Array]:
     return weights
 
 
-def warm_start_weights(
-    model_dir: Path, vocabulary: dict[str, int], shapes: dict[str, tuple[int, ...]]
-) -> dict[str, Array]:
-    """Every weight of the student in ``model_dir``, checked against the student about to train:
-    the same vocabulary (piece -> id) and a weight of the same shape for every name in ``shapes``.
+TABLE = "embedding.weight"
+#: Below this share of its own pieces found in the old student, a warm start is refused: the
+#: directory is more likely the wrong one than an older generation of this student.
+MIN_SHARED_PIECES = 0.5
 
-    Raises ValueError naming what differs, so a warm start never loads a table whose rows mean
-    other pieces.
+
+@dataclass(frozen=True)
+class Remap:
+    """How the old table became the new one: rows copied by piece, rows mapped for new pieces."""
+
+    copied: int
+    mapped: int
+    shared_pieces: float  # of the new vocabulary's teacher pieces (bytes and specials aside)
+
+
+def warm_start_weights(
+    model_dir: Path, vocabulary: dict[str, int], shapes: dict[str, tuple[int, ...]], initial_table: Array
+) -> tuple[dict[str, Array], Remap]:
+    """Every weight of the student in ``model_dir``, for the student about to train.
+
+    Every weight must have the shape in ``shapes``, except the table's row count when the
+    vocabularies (piece -> id) differ: then the old rows are carried over by piece, and the rows
+    of pieces the old student did not have come from ``initial_table`` (this student's own
+    initialisation) through the linear map that best takes the initial rows of the shared pieces
+    to their trained ones (`remap_table`). Raises ValueError naming what differs when the
+    architectures differ or too few pieces are shared.
     """
     from tokenizers import Tokenizer
 
     theirs = Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab()
-    if theirs != vocabulary:
-        raise ValueError(
-            f"{model_dir} has another vocabulary ({len(theirs)} pieces against {len(vocabulary)}): "
-            "warm starts need the same data and --min-count as that student"
-        )
     weights = onnx_weights(model_dir / "model.onnx", set(shapes))
     missing = sorted(set(shapes) - set(weights))
     if missing:
         raise ValueError(f"{model_dir / 'model.onnx'} holds no weights named {missing}")
-    wrong = {k: (weights[k].shape, v) for k, v in shapes.items() if weights[k].shape != v}
+    expected = dict(shapes)
+    if TABLE in expected and TABLE in weights:
+        expected[TABLE] = (weights[TABLE].shape[0], *expected[TABLE][1:])
+    wrong = {k: (weights[k].shape, v) for k, v in expected.items() if weights[k].shape != v}
     if wrong:
         raise ValueError(f"{model_dir} is another architecture: shapes (theirs, ours) {wrong}")
-    return weights
+    if theirs == vocabulary:
+        return weights, Remap(copied=len(vocabulary), mapped=0, shared_pieces=1.0)
+    weights[TABLE], remap = remap_table(weights[TABLE], theirs, vocabulary, initial_table)
+    if remap.shared_pieces < MIN_SHARED_PIECES:
+        raise ValueError(
+            f"{model_dir} shares only {remap.shared_pieces:.0%} of this vocabulary's pieces: "
+            "not an earlier generation of this student"
+        )
+    return weights, remap
+
+
+def remap_table(
+    old_table: Array, old_vocabulary: dict[str, int], vocabulary: dict[str, int], initial_table: Array
+) -> tuple[Array, Remap]:
+    """The old student's table re-indexed for ``vocabulary`` (see `warm_start_weights`)."""
+    pairs = [(new, old_vocabulary[piece]) for piece, new in vocabulary.items() if piece in old_vocabulary]
+    new_ids = np.array([new for new, _ in pairs], np.int64)
+    old_ids = np.array([old for _, old in pairs], np.int64)
+    table = np.array(initial_table, np.float32)
+    table[new_ids] = old_table[old_ids]
+    fresh = np.setdiff1d(np.arange(len(vocabulary)), new_ids)
+    if fresh.size:
+        mapping, *_ = np.linalg.lstsq(initial_table[new_ids], old_table[old_ids], rcond=None)
+        table[fresh] = initial_table[fresh] @ mapping
+    pieces = [new for new in vocabulary.values() if new >= FIRST_PIECE_ID]
+    shared = int(np.count_nonzero(new_ids >= FIRST_PIECE_ID))
+    return table, Remap(copied=len(pairs), mapped=int(fresh.size), shared_pieces=shared / max(len(pieces), 1))
