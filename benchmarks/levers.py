@@ -83,12 +83,12 @@ def ffn_output_parity(directory: Path, texts: list[str], write: Path | None = No
 def publish_requantised(directory: Path, int8: Path, parity: dict[str, Any], out: Path) -> None:
     """``directory`` with ``int8`` as its model.onnx, and a card that says so."""
     card = json.loads((directory / "card.json").read_text())
+    source_version = card["version"]
     digest = hashlib.sha256(int8.read_bytes()).hexdigest()
     card["version"] = card["version"].rsplit("-", 1)[0] + "-" + digest[:10]
     card["int8"]["parity"] = {k: v for k, v in parity.items() if k != "bytes"}
     card["int8"]["shipped"] = True
-    card["int8"]["requantised_from"] = {"version": json.loads((directory / "card.json").read_text())["version"],
-                                        "by": "benchmarks/levers.py --write"}  # fmt: skip
+    card["int8"]["requantised_from"] = {"version": source_version, "by": "benchmarks/levers.py --write"}
     card["sizes_bytes"]["model.onnx"] = int8.stat().st_size
     card["sha256"] = {"model.onnx": digest}
     out.mkdir(parents=True, exist_ok=True)

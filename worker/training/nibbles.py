@@ -43,16 +43,15 @@ def pack_rows(
     if dim % group or group % 2:
         raise ValueError(f"the group size {group} must be even and divide the width {dim}")
     grouped = table.reshape(rows, dim // group, group).astype(np.float32)
-    low = -LEVELS
+    exact = scales is not None  # the given grid, codes -8..7; else our own, -7..7
     if scales is None:
         scales = (np.abs(grouped).max(axis=2) / LEVELS).astype(np.float16)
     elif scales.shape != grouped.shape[:2]:
         raise ValueError(f"scales {scales.shape} do not match {grouped.shape[:2]} groups")
-    else:
-        low = -LEVELS - 1
     safe = np.where(scales == 0, np.float16(1), scales).astype(np.float32)
+    low = -LEVELS - 1 if exact else -LEVELS
     codes = np.clip(np.rint(grouped / safe[:, :, None]), low, LEVELS).astype(np.int16) + 8
-    if low < -LEVELS and not np.array_equal((codes - 8) * safe[:, :, None], grouped):
+    if exact and not np.array_equal((codes - 8) * safe[:, :, None], grouped):
         raise ValueError("the table is not on the given scales' 4-bit grid")
     flat = codes.reshape(rows, dim).astype(np.uint8)
     packed: npt.NDArray[np.uint8] = (flat[:, 0::2] | (flat[:, 1::2] << 4)).astype(np.uint8)
@@ -121,8 +120,8 @@ def embedding_to_4bit(
 
     ``table`` names a float initializer or a DequantizeLinear output. Tensors that served only
     the old table are removed. ``scales`` stores a table that is already 4-bit exactly
-    (`pack_rows`); ``values`` are its floats where the graph holds only an INT8 rounding of them
-    (static QDQ of a table snapped by `snap_rows`).
+    (`pack_rows`), in the groups they imply; ``values`` are its floats where the graph holds
+    only an INT8 rounding of them (static QDQ of a table snapped by `snap_rows`).
     """
     graph = model.graph
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == table]
@@ -134,6 +133,8 @@ def embedding_to_4bit(
         values = in_graph
     elif values.shape != in_graph.shape:
         raise ValueError(f"values {values.shape} do not match the table {in_graph.shape}")
+    if scales is not None:
+        group = values.shape[1] // max(scales.shape[1], 1)
     codes, scales = pack_rows(values, group, scales)
     prefix = f"{table}.nibbles"
     ids, out = gather.input[1], gather.output[0]

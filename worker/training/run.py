@@ -59,8 +59,9 @@ class TrainRequest:
     bag_hidden: int = 256
     min_count: int = 1
     parity_texts: tuple[str, ...] = ()
-    #: A published student of the same architecture and vocabulary whose weights start this one
-    #: (read back from its model.onnx, `worker.training.warm_start`); None: a fresh start.
+    #: A published student of the same architecture whose weights start this one (read back from
+    #: its model.onnx; a changed vocabulary keeps its rows by piece: `worker.training.warm_start`);
+    #: None: a fresh start.
     init_from: Path | None = None
     command: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -161,6 +162,7 @@ def train_model_dir(
         start_from=start,
     )
     table: dict[str, Any] | None = None
+    table_checkpoint = checkpoint.with_name(checkpoint.name + ".table")  # the stage around the table
     scales: npt.NDArray[np.float16] | None = None
     snapped: npt.NDArray[np.float32] | None = None
     if config.table_bits:
@@ -185,7 +187,7 @@ def train_model_dir(
             train_source,
             valid_source,
             second,
-            checkpoint=checkpoint.with_name(checkpoint.name + f".table{config.table_bits}"),
+            checkpoint=table_checkpoint,
             fingerprint_extra=digest,
             start_from={k: v for k, v in first.model.state_dict().items() if k != "embedding.weight"},
             freeze_embeddings=True,
@@ -296,7 +298,7 @@ def train_model_dir(
     }
     card = publish_model_dir(staging, out, card)
     checkpoint.unlink(missing_ok=True)
-    checkpoint.with_name(checkpoint.name + f".table{config.table_bits}").unlink(missing_ok=True)
+    table_checkpoint.unlink(missing_ok=True)
     return card
 
 

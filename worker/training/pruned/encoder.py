@@ -299,7 +299,7 @@ def quantise_guarded(
     )
     quantised = onnx.load(str(int8))
     if quantise_embedding and word_scales is not None:
-        embedding_to_4bit(quantised, "emb.word", word_scales_group(quantised, word_scales), word_scales)
+        embedding_to_4bit(quantised, "emb.word", scales=word_scales)
     elif quantise_embedding:
         _quantise_embedding_rows(quantised, "emb.word")
     _weight_only_int8(quantised, weight_only)
@@ -361,15 +361,6 @@ def _weight_only_int8(model: onnx.ModelProto, suffixes: Sequence[str]) -> None:
                 axis=1,
             ),
         )
-
-
-def word_scales_group(model: onnx.ModelProto, word_scales: npt.NDArray[np.float16]) -> int:
-    """The 4-bit group size ``word_scales`` implies for ``emb.word``'s width."""
-    table = next(t for t in model.graph.initializer if t.name == "emb.word")
-    width = int(table.dims[1])
-    if width % word_scales.shape[1]:
-        raise ValueError(f"{word_scales.shape[1]} scales per row do not divide a width of {width}")
-    return int(width // word_scales.shape[1])
 
 
 def _quantise_embedding_rows(model: onnx.ModelProto, name: str) -> None:
