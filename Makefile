@@ -108,6 +108,12 @@ bench-embedding-bits: setup ## 4-bit embedding tables against INT8 for models/st
 bench-cascade: setup ## Cascade of $(ML)/cnn and $(ML)/pruned-0-11: agreement, escalation and mean cost per threshold and language: benchmarks/results/cascade.*
 	$(BIN)/python benchmarks/cascade.py --traffic $(TRAFFIC_ALL) $(ML)/cnn $(ML)/pruned-0-11
 
+VOLUME ?= build/volume
+volume: corpus traffic $(PREVIOUS_STUDENT)/card.json ## The volume curve: the previous default's recipe from scratch on 10/25/50% of its rows (100% is that default) into $(VOLUME) (~15 min on 2 cores)
+	mkdir -p $(VOLUME) && rm -rf $(VOLUME)/cnn && cp -r $(PREVIOUS_STUDENT) $(VOLUME)/cnn
+	for f in 0.1 0.25 0.5; do [ -f $(VOLUME)/cnn-frac$$f/card.json ] || \
+		$(BIN)/intent-worker train $(STUDENT_RECIPE) --fraction $$f --out $(VOLUME)/cnn-frac$$f || exit 1; done
+
 students: corpus ## Train every student of the comparison into $(STUDENTS)
 	bash benchmarks/train_students.sh $(DATASET) $(STUDENTS)
 
@@ -124,7 +130,7 @@ bench-worker: setup ## Worker must-shows (throughput vs raw/Faust ceilings, late
 bench-faults: setup ## Faults survived on real Tansu, valkey, worker and labeller processes (broker frozen/restarted, worker/labeller killed, Redis frozen, poison pills, bad inputs; ~10 min): benchmarks/results/faults.json
 	$(BIN)/python benchmarks/faults.py
 
-loop-demo: corpus ## The loop on multilingual traffic, real services: replay through gen 0, sample, label, train gen 1, gate per language, promote + rollback under traffic (~25 min): benchmarks/results/flywheel.json
+loop-demo: corpus traffic ## The loop on multilingual traffic, real services: replay traffic gen 0 never saw through it, sample, label, train gen 1 (warm-started, on the buffer + gen 0's datasets), gate per language, promote + rollback under traffic (~40 min): benchmarks/results/flywheel.json
 	$(BIN)/python benchmarks/flywheel.py
 
 bench-zero-shot: setup ## Zero-shot teachers (e5 on the label sets in models/labels) beside the trained head, MASSIVE + xSID validation (~2 min): benchmarks/results/zero_shot.json

@@ -2,15 +2,18 @@
 
 0. Generation 0 is the student in ``models/student`` when the demo first ran: a copy is kept in
    ``<workdir>/gen0`` (``--gen0`` names another), so a later default does not change the demo.
-1. The first ``--per-language`` rows of each ``../shared/data/traffic/<locale>.jsonl`` (read in
-   place; the files are shuffled, so these are a sample), less the rows the trainer holds back
-   (``split_bucket(id) < 0.05``), are replayed through a worker serving generation 0 on a fresh
-   Tansu broker and valkey; it samples them into the Redis buffer (rate 1 for the demo).
+1. Traffic generation 0 never saw is replayed through a worker serving it on a fresh Tansu
+   broker and valkey, which samples it into the Redis buffer (rate 1 for the demo): of each
+   ``../shared/data/traffic/<locale>.jsonl`` (read in place; the files are shuffled), the
+   ``--per-language`` rows after its first ``--skip-per-language`` (those ``make traffic``
+   labelled for generation 0), less the rows the trainer holds back (``split_bucket(id) <
+   0.05``).
 2. The labeller on a copy of ``--labeller-entries`` buffer entries: throughput at 1 and 2
    teacher threads, two labellers at once, and ``kill -9`` at random points (``--kills 0``: skip).
 3. ``intent-worker label --once`` labels the whole buffer into a dataset.
-4. ``intent-worker train`` distils generation 1 from that dataset plus the development corpus
-   (``make corpus``), with a fast CNN recipe (``--recipe``).
+4. ``intent-worker train`` distils generation 1 from that dataset plus generation 0's own
+   datasets (``--train-data``: ``make corpus traffic``), warm-started from generation 0's weights
+   (``--recipe``; ``--from-scratch`` leaves out ``--init-from``).
 5. ``intent-worker promote`` gates generation 1 against generation 0 (per locale and per
    language) and publishes it while traffic flows at a steady rate (``--switch-rate``, from 10 s
    before the gate to 10 s after the rollback); ``rollback`` 30 s after the promotion. Every
@@ -68,28 +71,35 @@ DEMO_SAMPLING = {
     "INTENT_MODEL_POLL_INTERVAL_S": "1.0",
 }
 HELD_BACK = 0.05  # the trainer's validation bucket: split_bucket(id) below this is never trained on
+#: Generation 0's recipe (``make student``): two epochs at half its rate, then one around the
+#: table snapped to 4 bits; ``--init-from <gen0>`` is added.
 RECIPE = (
-    "--arch cnn --embedding-dim 256 --kernels 2,3,4 --filters 128 --min-count 2 --epochs 6 --patience 2"
-    " --sparse-embeddings"
+    "--arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 --epochs 2 --patience 2"
+    " --plateau-factor 0.5 --batch-size 256 --lr 0.00075 --sparse-embeddings --table-bits 4 --table-epochs 1"
 )
+#: Rows of each traffic file ``make traffic`` labelled (``--per-file``): generation 0 trained on them.
+GEN0_TRAFFIC_PER_FILE = 6000
 
 
-def traffic_rows(traffic: Path, per_language: int, held_back: int) -> tuple[list[Text], list[Text]]:
-    """(replayed, held back): the first ``per_language`` trainable rows of each locale file, and
-    its first ``held_back`` rows in the trainer's validation bucket."""
+def traffic_rows(
+    traffic: Path, per_language: int, held_back: int, skip: int = 0
+) -> tuple[list[Text], list[Text]]:
+    """(replayed, held back): the trainable rows among rows ``skip`` to ``skip + per_language`` of
+    each locale file (those ``corpus build --skip-per-file skip --per-file per_language`` labels),
+    and its first ``held_back`` rows in the trainer's validation bucket."""
     replayed: list[Text] = []
     kept: list[Text] = []
     for path in sorted(traffic.glob("*.jsonl")):
         train: list[Text] = []
         valid: list[Text] = []
-        for row in read_jsonl(path):
+        for position, row in enumerate(read_jsonl(path)):
             item = Text(str(row["id"]), str(row["text"]), str(row["locale"]))
             if split_bucket(item.id) < HELD_BACK:
                 if len(valid) < held_back:
                     valid.append(item)
-            elif len(train) < per_language:
+            elif skip <= position < skip + per_language:
                 train.append(item)
-            if len(train) >= per_language and len(valid) >= held_back:
+            if position >= skip + per_language and len(valid) >= held_back:
                 break
         replayed += train
         kept += valid
@@ -331,15 +341,28 @@ def main() -> int:
     )
     parser.add_argument("--fresh", action="store_true", help="relabel the buffer and retrain generation 1")
     parser.add_argument(
-        "--per-language", type=int, default=1500, help="traffic rows replayed per locale file"
+        "--per-language", type=int, default=20_000, help="traffic rows replayed per locale file, at most"
+    )
+    parser.add_argument(
+        "--skip-per-language",
+        type=int,
+        default=GEN0_TRAFFIC_PER_FILE,
+        help="rows of each locale file passed over: those generation 0 was trained on",
     )
     parser.add_argument(
         "--holdout-per-language", type=int, default=300, help="held-back rows scored per locale file"
     )
-    parser.add_argument("--dev-corpus", type=Path, default=ROOT / ".cache" / "datasets" / "dev")
-    parser.add_argument("--traffic-dataset", type=Path, default=ROOT / ".cache" / "datasets" / "traffic",
+    datasets = ROOT / ".cache" / "datasets"
+    parser.add_argument(
+        "--train-data", type=Path, nargs="*", default=[datasets / "dev", datasets / "traffic"],
+        help="datasets generation 1 trains on besides the buffer's: generation 0's own",
+    )  # fmt: skip
+    parser.add_argument("--traffic-dataset", type=Path, default=datasets / "traffic",
                         help="teacher logits of the traffic, where labelled already")  # fmt: skip
     parser.add_argument("--recipe", default=RECIPE, help="intent-worker train options for generation 1")
+    parser.add_argument(
+        "--from-scratch", action="store_true", help="train generation 1 without --init-from generation 0"
+    )
     parser.add_argument("--train-threads", type=int, default=2)
     parser.add_argument("--labeller-entries", type=int, default=1000)
     parser.add_argument(
@@ -357,12 +380,22 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     if not (gen0 / "card.json").exists():
         shutil.copytree(ROOT / "models" / "student", gen0)
-    if not (args.dev_corpus / "manifest.json").exists():
-        raise SystemExit(f"no development corpus at {args.dev_corpus}: run `make corpus` first")
+    for path in args.train_data:
+        if not (path / "manifest.json").exists():
+            raise SystemExit(f"no dataset at {path}: run `make corpus traffic` first")
     registry = work / "registry"
     shutil.rmtree(registry, ignore_errors=True)  # every demo starts serving generation 0
-    replayed, held_back = traffic_rows(args.shared / "traffic", args.per_language, args.holdout_per_language)
-    result: dict[str, Any] = {"machine": machine(), "recipe": args.recipe, "per_language": args.per_language}
+    replayed, held_back = traffic_rows(
+        args.shared / "traffic", args.per_language, args.holdout_per_language, skip=args.skip_per_language
+    )
+    recipe = args.recipe.split() + ([] if args.from_scratch else ["--init-from", str(gen0)])
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "recipe": " ".join(recipe),
+        "train_data": [str(p) for p in args.train_data],
+        "per_language": args.per_language,
+        "skip_per_language": args.skip_per_language,
+    }
     started = time.perf_counter()
     steps: dict[str, float] = {}
 
@@ -419,11 +452,11 @@ def main() -> int:
             result["dataset"] = json.loads(cli(["dataset", "stats", str(dataset), "--json"], env).stdout)
             step("label", began)
             began = time.perf_counter()
-            print("4. training generation 1 on the buffer dataset + the development corpus", flush=True)
+            print("4. training generation 1 on the buffer dataset + generation 0's datasets", flush=True)
             if not (gen1 / "card.json").exists():
                 cli(
-                    ["train", *args.recipe.split(), "--threads", str(args.train_threads),
-                     "--data", str(dataset), str(args.dev_corpus), "--out", str(gen1)],
+                    ["train", *recipe, "--threads", str(args.train_threads),
+                     "--data", str(dataset), *map(str, args.train_data), "--out", str(gen1)],
                     env, capture=False,
                 )  # fmt: skip
             result["generations"] = {"gen0": card_summary(gen0), "gen1": card_summary(gen1)}

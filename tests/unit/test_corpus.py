@@ -89,3 +89,15 @@ def test_rows_from_files_takes_at_most_per_file_rows_of_each_file(tmp_path: Path
         )
     rows = list(rows_from_files([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], None, True, per_file=2))
     assert [r.id for r in rows] == ["a0", "a0:en", "a1", "a1:en", "b0", "b0:en", "b1", "b1:en"]
+
+
+def test_rows_from_files_skips_the_rows_an_earlier_per_file_took(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"id": f"a{i}", "locale": "a", "text": f"t{i}"}) + "\n" for i in range(5))
+    )
+    (tmp_path / "b.jsonl").write_text(json.dumps({"id": "b0", "locale": "b", "text": "t"}) + "\n")
+    paths = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    first = [r.id for r in rows_from_files(paths, None, False, per_file=2)]
+    rest = [r.id for r in rows_from_files(paths, None, False, per_file=2, skip_per_file=2)]
+    assert first == ["a0", "a1", "b0"]
+    assert rest == ["a2", "a3"]

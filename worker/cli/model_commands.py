@@ -135,7 +135,11 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
     writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels, label_set=teacher.label_set_id)
     rows = list(
         rows_from_files(
-            paths, split=args.split, with_translations=not args.no_translations, per_file=args.per_file
+            paths,
+            split=args.split,
+            with_translations=not args.no_translations,
+            per_file=args.per_file,
+            skip_per_file=args.skip_per_file,
         )
     )
     if args.held_back is not None:

@@ -52,6 +52,13 @@ def add_model_commands(commands: Any) -> None:
         "--per-file", type=int, default=None, help="label at most this many rows of each file (default: all)"
     )
     cb.add_argument(
+        "--skip-per-file",
+        type=int,
+        default=0,
+        metavar="N",
+        help="pass over the first N rows of each file: the rows after an earlier --per-file N",
+    )
+    cb.add_argument(
         "--held-back",
         type=float,
         default=None,

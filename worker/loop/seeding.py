@@ -31,15 +31,25 @@ class SourceRow:
 
 
 def rows_from_files(
-    paths: Iterable[Path], split: str | None, with_translations: bool, per_file: int | None = None
+    paths: Iterable[Path],
+    split: str | None,
+    with_translations: bool,
+    per_file: int | None = None,
+    skip_per_file: int = 0,
 ) -> Iterator[SourceRow]:
     """Texts of ``split`` rows (rows without a split always count), plus each row's ``en``
     translation when asked (Tatoeba pairs carry one); at most ``per_file`` rows of each file
-    (its first ones: the shared files are shuffled), translations not counted."""
+    (its first ones: the shared files are shuffled), translations not counted. The first
+    ``skip_per_file`` rows of each file are passed over: the rows after what an earlier
+    ``per_file`` took."""
     for path in paths:
+        seen = 0
         taken = 0
         for row in read_jsonl(path):
             if split is not None and row.get("split", split) != split:
+                continue
+            seen += 1
+            if seen <= skip_per_file:
                 continue
             if per_file is not None and taken >= per_file:
                 break
