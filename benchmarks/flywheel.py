@@ -9,7 +9,8 @@
    labelled for generation 0), less the rows the trainer holds back (``split_bucket(id) <
    0.05``).
 2. The labeller on a copy of ``--labeller-entries`` buffer entries: throughput at 1 and 2
-   teacher threads, two labellers at once, and ``kill -9`` at random points (``--kills 0``: skip).
+   teacher threads, two labellers at once, and ``kill -9`` at random points (``--kills 0``: skip);
+   the last two write shards of 128 rows, so that they interleave.
 3. ``intent-worker label --once`` labels the whole buffer into a dataset.
 4. ``intent-worker train`` distils generation 1 from that dataset plus generation 0's own
    datasets (``--train-data``: ``make corpus traffic``), warm-started from generation 0's weights
@@ -364,7 +365,7 @@ def main() -> int:
         "--from-scratch", action="store_true", help="train generation 1 without --init-from generation 0"
     )
     parser.add_argument("--train-threads", type=int, default=2)
-    parser.add_argument("--labeller-entries", type=int, default=1000)
+    parser.add_argument("--labeller-entries", type=int, default=3000)
     parser.add_argument(
         "--kills", type=int, default=6, help="labellers killed at random points (0: skip step 2)"
     )
@@ -446,8 +447,13 @@ def main() -> int:
                     ["--log-json", "label", "--once", "--data", str(dataset), "--consumer", "demo"], env
                 )
                 result["labelling"] = label_report(done)
+                (work / "labelling.json").write_text(json.dumps(result["labelling"]))
             else:  # labelled by an earlier run of this script (same rows unless --per-language changed)
-                result["labelling"] = {"reused_from_earlier_run": str(dataset)}
+                earlier = work / "labelling.json"
+                result["labelling"] = {
+                    "reused_from_earlier_run": str(dataset),
+                    **(json.loads(earlier.read_text()) if earlier.exists() else {}),
+                }
                 client.delete(buffer_key(PREFIX))
             result["dataset"] = json.loads(cli(["dataset", "stats", str(dataset), "--json"], env).stdout)
             step("label", began)

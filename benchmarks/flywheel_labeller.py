@@ -73,13 +73,18 @@ def dataset_buffer_ids(location: Path) -> Counter[str]:
     return counts
 
 
+#: Shard size of the labellers killed or run side by side: small, so that each run of a few
+#: thousand entries writes many shards and the two labellers (and the kills) interleave.
+CHECK_SHARD_ROWS = 128
+
+
 def label_process(
     env: dict[str, str], prefix: str, location: Path, consumer: str, threads: int
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "--log-json", "label", "--once", "--data", str(location), "--consumer", consumer],
         env={**env, "INTENT_REDIS_KEY_PREFIX": prefix, "INTENT_TEACHER_THREADS": str(threads),
-             "INTENT_LABELLER_CLAIM_IDLE_S": "2"},
+             "INTENT_LABELLER_CLAIM_IDLE_S": "2", "INTENT_LABELLER_SHARD_ROWS": str(CHECK_SHARD_ROWS)},
         cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -95,7 +100,7 @@ def crash_test(
     points = []
     for attempt in range(kills):
         proc = label_process(env, "crash", location, f"crash{attempt % 2}", threads=2)
-        delay = rng.uniform(3.0, 12.0)  # loading the teacher takes ~3 s: most kills land mid-labelling
+        delay = rng.uniform(3.0, 7.0)  # loading the teacher takes ~2-3 s: most kills land mid-labelling
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
