@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 SHARED_DATA ?= ../shared/data
 DATASET ?= .cache/datasets/dev
 TRAFFIC ?= .cache/datasets/traffic
+TRAFFIC_REST ?= .cache/datasets/traffic-rest
 TRAFFIC_ALL ?= .cache/datasets/traffic-all
 ML ?= build/students-ml
 # Torch device for labelling and training: cpu, or cuda (labels all the traffic in a minute).
@@ -55,31 +56,44 @@ corpus: setup ## Label MASSIVE train + Tatoeba with the teacher into $(DATASET)
 traffic: setup ## Label 6,000 rows per language of ../shared/data/traffic with the teacher into $(TRAFFIC) (resumable)
 	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --per-file 6000 --out $(TRAFFIC)
 
+traffic-rest: setup ## Label the next 20,000 rows of each traffic file (those `make loop-demo` replays) into $(TRAFFIC_REST) (~7 min on 2 cores)
+	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --skip-per-file 6000 \
+		--per-file 20000 --out $(TRAFFIC_REST)
+
 traffic-all: setup ## Label all 315,745 traffic rows into $(TRAFFIC_ALL) (resumable; hours on 2 cores, a minute with DEVICE=cuda)
 	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --out $(TRAFFIC_ALL)
 
-# The shipped student's recipe (`make student`); the levers (`make levers`) change one thing each.
+# The recipe of the earlier defaults from scratch; the levers (`make levers`) change one thing each.
 STUDENT_RECIPE := --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 \
 	--epochs 5 --patience 2 --plateau-factor 0.5 --min-delta 0.002 --batch-size 256 --lr 0.0015 \
 	--sparse-embeddings --data $(DATASET) $(TRAFFIC)
 
-# The previous default (cnn-17f196dba1, the recipe above from scratch), read from git: the shipped
-# student is it, warm-started and trained around its table snapped to 4 bits.
-PREVIOUS_STUDENT := build/previous-student
-$(PREVIOUS_STUDENT)/card.json:
-	mkdir -p $(PREVIOUS_STUDENT)
-	for f in model.onnx tokenizer.json labels.json card.json; do \
-		git show 3ef9fe3:models/student/$$f > $(PREVIOUS_STUDENT)/$$f; done
+# One generation of the loop (benchmarks/flywheel.py's RECIPE, with which `make loop-demo` trains
+# generation 1): the serving student warm-started, 2 epochs at half its rate on the new traffic plus
+# what it was trained on, then 1 around its table snapped to 4 bits.
+GENERATION_RECIPE := --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 \
+	--epochs 2 --patience 2 --plateau-factor 0.5 --batch-size 256 --lr 0.00075 --sparse-embeddings \
+	--table-bits 4 --table-epochs 1
 
-student: corpus traffic $(PREVIOUS_STUDENT)/card.json ## Reproduce the shipped multilingual student in models/student (INT8 CNN, 4-bit table; ~6 min on 2 cores)
-	$(BIN)/intent-worker train $(STUDENT_RECIPE) --init-from $(PREVIOUS_STUDENT) --epochs 0 --table-bits 4 \
-		--out models/student
+# Earlier defaults, read from git: cnn-17f196dba1 (STUDENT_RECIPE from scratch, 3ef9fe3) and
+# cnn-5b1833b2fa (it warm-started around its table snapped to 4 bits, 764056e). The shipped student
+# is the latter's next generation in the loop.
+SCRATCH_STUDENT := build/git-students/3ef9fe3
+PREVIOUS_STUDENT := build/git-students/764056e
+build/git-students/%/card.json:
+	mkdir -p $(@D)
+	for f in model.onnx tokenizer.json labels.json card.json; do \
+		git show $*:models/student/$$f > $(@D)/$$f; done
+
+student: corpus traffic traffic-rest $(PREVIOUS_STUDENT)/card.json ## Reproduce the shipped multilingual student in models/student: generation 1 of `make loop-demo`, trained offline (INT8 CNN, 4-bit table; ~6 min of training on 2 cores)
+	$(BIN)/intent-worker train $(GENERATION_RECIPE) --init-from $(PREVIOUS_STUDENT) --threads 2 \
+		--data $(TRAFFIC_REST) $(DATASET) $(TRAFFIC) --out models/student
 	rm -f models/student/fp32.onnx
 
-levers: corpus traffic $(PREVIOUS_STUDENT)/card.json ## The shipped student's recipe with one lever each, into $(LEVERS): disagreement-weighted rows, the sentence-embedding target, the 4-bit table; smaller pruned students; and the CPU cascades (~2.5 h on 2 cores)
-	$(BIN)/intent-worker train $(STUDENT_RECIPE) --disagreement-student $(PREVIOUS_STUDENT) --out $(LEVERS)/disagreement
+levers: corpus traffic $(SCRATCH_STUDENT)/card.json ## The shipped student's recipe with one lever each, into $(LEVERS): disagreement-weighted rows, the sentence-embedding target, the 4-bit table; smaller pruned students; and the CPU cascades (~2.5 h on 2 cores)
+	$(BIN)/intent-worker train $(STUDENT_RECIPE) --disagreement-student $(SCRATCH_STUDENT) --out $(LEVERS)/disagreement
 	$(BIN)/intent-worker train $(STUDENT_RECIPE) --embedding-weight 1 --out $(LEVERS)/embedding
-	$(BIN)/intent-worker train $(STUDENT_RECIPE) --init-from $(PREVIOUS_STUDENT) --epochs 0 --table-bits 4 \
+	$(BIN)/intent-worker train $(STUDENT_RECIPE) --init-from $(SCRATCH_STUDENT) --epochs 0 --table-bits 4 \
 		--out $(LEVERS)/cnn-4bit
 	$(BIN)/intent-worker train --arch pruned --layers 0,11 --mode distil --epochs 1 --batch-size 128 --lr 1e-4 \
 		--min-count 2 --data $(DATASET) $(TRAFFIC) --out $(LEVERS)/pruned-0-11
@@ -87,7 +101,7 @@ levers: corpus traffic $(PREVIOUS_STUDENT)/card.json ## The shipped student's re
 		--min-count 4 --data $(DATASET) $(TRAFFIC) --out $(LEVERS)/pruned-0-11-mc4
 	$(BIN)/intent-worker train --arch pruned --layers 0 --mode distil --epochs 1 --batch-size 128 --lr 1e-4 \
 		--min-count 4 --data $(DATASET) $(TRAFFIC) --out $(LEVERS)/pruned-0-mc4
-	$(BIN)/intent-worker cascade $(PREVIOUS_STUDENT) $(LEVERS)/pruned-0-11 --escalate-below 0.1 --out $(LEVERS)/cascade-0.1
+	$(BIN)/intent-worker cascade $(SCRATCH_STUDENT) $(LEVERS)/pruned-0-11 --escalate-below 0.1 --out $(LEVERS)/cascade-0.1
 	$(BIN)/intent-worker cascade $(LEVERS)/cnn-4bit $(LEVERS)/pruned-0-11 --escalate-below 0.1 \
 		--out $(LEVERS)/cascade-4bit
 
@@ -109,8 +123,8 @@ bench-cascade: setup ## Cascade of $(ML)/cnn and $(ML)/pruned-0-11: agreement, e
 	$(BIN)/python benchmarks/cascade.py --traffic $(TRAFFIC_ALL) $(ML)/cnn $(ML)/pruned-0-11
 
 VOLUME ?= build/volume
-volume: corpus traffic $(PREVIOUS_STUDENT)/card.json ## The volume curve: the previous default's recipe from scratch on 10/25/50% of its rows (100% is that default) into $(VOLUME) (~15 min on 2 cores)
-	mkdir -p $(VOLUME) && rm -rf $(VOLUME)/cnn && cp -r $(PREVIOUS_STUDENT) $(VOLUME)/cnn
+volume: corpus traffic $(SCRATCH_STUDENT)/card.json ## The volume curve: STUDENT_RECIPE (cnn-17f196dba1's) from scratch on 10/25/50% of its rows (100% is that default) into $(VOLUME) (~15 min on 2 cores)
+	mkdir -p $(VOLUME) && rm -rf $(VOLUME)/cnn && cp -r $(SCRATCH_STUDENT) $(VOLUME)/cnn
 	for f in 0.1 0.25 0.5; do [ -f $(VOLUME)/cnn-frac$$f/card.json ] || \
 		$(BIN)/intent-worker train $(STUDENT_RECIPE) --fraction $$f --out $(VOLUME)/cnn-frac$$f || exit 1; done
 
