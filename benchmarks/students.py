@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from common import RESULTS, machine, median_ms, write_result
@@ -31,6 +32,9 @@ from worker.models.student import Student
 from worker.teacher import E5_PREFIX, OnnxSequenceModel, OnnxTeacher, load_embedded_teacher
 from worker.teacher.build import ensure_encoder
 from worker.teacher.e5format import default_weights_path
+
+#: The xSID languages issue 12 sets a per-language target for.
+XSID_TARGETS = [f"xsid/{lang}" for lang in ("ar", "de", "en", "id", "it", "ja", "nl", "tr", "zh")]
 
 
 def speed_of(logits_fn, texts: list[str]) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -161,7 +165,7 @@ def main() -> None:
                 }
             )
             per_locale[f"{directory.name}/{variant}"] = to_json(report)
-    curve = volume_curve(rows)
+    curve = volume_curve(rows, per_locale)
     result = {
         "machine": machine(),
         "volume_curve": curve,
@@ -180,7 +184,7 @@ def main() -> None:
 def render(result: dict[str, object]) -> None:
     """students.md and students.png from a result (also from a saved students.json)."""
     rows: list[dict[str, object]] = result["rows"]  # type: ignore[assignment]
-    curve: list[dict[str, float]] = result["volume_curve"]  # type: ignore[assignment]
+    curve: list[dict[str, Any]] = result["volume_curve"]  # type: ignore[assignment]
     lines = [
         "| model | variant | size MB | acc % | macro-F1 % | agree % | PR-BEP gap | PR-AUC gap | KL | p50 ms | batch-256 utt/s | speed-up p50 | speed-up batch | Tatoeba pairs same label % (held-out) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -196,7 +200,7 @@ def render(result: dict[str, object]) -> None:
         )
     lines += [
         "",
-        "Data-volume curve (cnn, fp32 export, same recipe on a share of the corpus):",
+        "Data-volume curve (cnn, served model, same recipe on a share of the corpus):",
         "",
         "| share | train rows | agree % | PR-BEP gap | PR-AUC gap | KL |",
         "|---|---|---|---|---|---|",
@@ -211,34 +215,38 @@ def render(result: dict[str, object]) -> None:
     print("\n".join(lines))
 
 
-def volume_curve(rows: list[dict[str, object]]) -> list[dict[str, float]]:
-    """The cnn rows trained on a share of the corpus (fp32 export), smallest share first."""
-    curve = []
+def volume_curve(rows: list[dict[str, object]], per_locale: dict[str, object]) -> list[dict[str, object]]:
+    """The served model of the cnn runs on a share of the corpus (``cnn``: all of it,
+    ``cnn-frac<share>``), smallest share first, with the agreement per validation group."""
+    curve: list[dict[str, object]] = []
     for r in rows:
         name = str(r["model"])
-        if r["variant"] != "fp32" or not (name == "cnn" or name.startswith("cnn-frac")):
+        if r["variant"] == "fp32" or not (name == "cnn" or name.startswith("cnn-frac")):
             continue
-        share = 1.0 if name == "cnn" else float(name.removeprefix("cnn-frac"))
+        report: dict[str, dict[str, float]] = per_locale[f"{name}/{r['variant']}"]  # type: ignore[assignment]
         curve.append(
             {
-                "share": share,
+                "share": 1.0 if name == "cnn" else float(name.removeprefix("cnn-frac")),
                 "train_rows": r["train_rows"],
                 "agreement": r["agreement"],
                 "pr_bep_gap": r["pr_bep_gap"],
                 "pr_auc_gap": r["pr_auc_gap"],
                 "kl": r["kl"],
+                "agreement_per_group": {
+                    group: v["agreement"] for group, v in report.items() if group != "overall"
+                },
             }
         )
     return sorted(curve, key=lambda c: c["share"])  # type: ignore[arg-type,return-value]
 
 
-def plot(rows: list[dict[str, object]], curve: list[dict[str, float]], path: Path) -> None:
+def plot(rows: list[dict[str, object]], curve: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 5))
     for r in rows:
         x, y = float(r["p50_ms"]), 100 * float(r["agreement"])  # type: ignore[arg-type]
         ax.scatter(x, y, s=40)
@@ -261,6 +269,17 @@ def plot(rows: list[dict[str, object]], curve: list[dict[str, float]], path: Pat
         ax2.set_title("Student-teacher gap against data volume (cnn)")
         ax2.legend()
         ax2.grid(True, alpha=0.3)
+        train_rows = [c["train_rows"] for c in curve]
+        for group in [*XSID_TARGETS, "massive/en-US", "massive/de-DE"]:
+            ys = [c["agreement_per_group"].get(group) for c in curve]
+            if all(y is not None for y in ys):
+                ax3.plot(train_rows, [100 * y for y in ys], "o-", label=group, linewidth=1)
+        ax3.set_xscale("log")
+        ax3.set_xlabel("training rows (log)")
+        ax3.set_ylabel("agreement with the teacher, %")
+        ax3.set_title("Volume curve per language (xSID and MASSIVE validation)")
+        ax3.legend(fontsize=7, ncol=2)
+        ax3.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
