@@ -63,10 +63,11 @@ traffic-rest: setup ## Label the next 20,000 rows of each traffic file (those `m
 traffic-all: setup ## Label all 315,745 traffic rows into $(TRAFFIC_ALL) (resumable; hours on 2 cores, a minute with DEVICE=cuda)
 	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --out $(TRAFFIC_ALL)
 
-# The recipe of the earlier defaults from scratch; the levers (`make levers`) change one thing each.
-STUDENT_RECIPE := --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 \
-	--epochs 5 --patience 2 --plateau-factor 0.5 --min-delta 0.002 --batch-size 256 --lr 0.0015 \
-	--sparse-embeddings --data $(DATASET) $(TRAFFIC)
+# The CNN students' recipe; the levers (`make levers`) change one thing each of STUDENT_RECIPE, on the
+# data the earlier defaults were trained on.
+CNN_RECIPE := --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 \
+	--patience 2 --plateau-factor 0.5 --min-delta 0.002 --batch-size 256 --lr 0.0015 --sparse-embeddings
+STUDENT_RECIPE := $(CNN_RECIPE) --epochs 5 --data $(DATASET) $(TRAFFIC)
 
 # One generation of the loop (benchmarks/flywheel.py's RECIPE, with which `make loop-demo` trains
 # generation 1): the serving student warm-started, 2 epochs at half its rate on the new traffic plus
@@ -76,8 +77,8 @@ GENERATION_RECIPE := --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 
 	--table-bits 4 --table-epochs 1
 
 # Earlier defaults, read from git: cnn-17f196dba1 (STUDENT_RECIPE from scratch, 3ef9fe3) and
-# cnn-5b1833b2fa (it warm-started around its table snapped to 4 bits, 764056e). The shipped student
-# is the latter's next generation in the loop.
+# cnn-5b1833b2fa (it warm-started around its table snapped to 4 bits, 764056e: the loop demo's
+# generation 0, which never saw the traffic after `make traffic`'s rows).
 SCRATCH_STUDENT := build/git-students/3ef9fe3
 PREVIOUS_STUDENT := build/git-students/764056e
 build/git-students/%/card.json:
@@ -85,8 +86,8 @@ build/git-students/%/card.json:
 	for f in model.onnx tokenizer.json labels.json card.json; do \
 		git show $*:models/student/$$f > $(@D)/$$f; done
 
-student: corpus traffic traffic-rest $(PREVIOUS_STUDENT)/card.json ## Reproduce the shipped multilingual student in models/student: generation 1 of `make loop-demo`, trained offline (INT8 CNN, 4-bit table; ~6 min of training on 2 cores)
-	$(BIN)/intent-worker train $(GENERATION_RECIPE) --init-from $(PREVIOUS_STUDENT) --threads 2 \
+student: corpus traffic traffic-rest ## Reproduce the shipped multilingual student in models/student: the CNN recipe from scratch on the development corpus and 26,000 traffic rows per language, 8 epochs, then 2 around its 4-bit table (~20 min of training on 2 cores)
+	$(BIN)/intent-worker train $(CNN_RECIPE) --epochs 8 --table-bits 4 --threads 2 \
 		--data $(TRAFFIC_REST) $(DATASET) $(TRAFFIC) --out models/student
 	rm -f models/student/fp32.onnx
 
@@ -144,8 +145,8 @@ bench-worker: setup ## Worker must-shows (throughput vs raw/Faust ceilings, late
 bench-faults: setup ## Faults survived on real Tansu, valkey, worker and labeller processes (broker frozen/restarted, worker/labeller killed, Redis frozen, poison pills, bad inputs; ~10 min): benchmarks/results/faults.json
 	$(BIN)/python benchmarks/faults.py
 
-loop-demo: corpus traffic ## The loop on multilingual traffic, real services: replay traffic gen 0 never saw through it, sample, label, train gen 1 (warm-started, on the buffer + gen 0's datasets), gate per language, promote + rollback under traffic (~40 min): benchmarks/results/flywheel.json
-	$(BIN)/python benchmarks/flywheel.py
+loop-demo: corpus traffic $(PREVIOUS_STUDENT)/card.json ## The loop on multilingual traffic, real services: replay traffic gen 0 never saw through it, sample, label, train gen 1 (warm-started, on the buffer + gen 0's datasets), gate per language, promote + rollback under traffic (~15 min on 2 cores): benchmarks/results/flywheel.json
+	$(BIN)/python benchmarks/flywheel.py --gen0 $(PREVIOUS_STUDENT)
 
 bench-zero-shot: setup ## Zero-shot teachers (e5 on the label sets in models/labels) beside the trained head, MASSIVE + xSID validation (~2 min): benchmarks/results/zero_shot.json
 	$(BIN)/python benchmarks/zero_shot.py
