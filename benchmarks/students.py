@@ -270,10 +270,11 @@ def plot(rows: list[dict[str, object]], curve: list[dict[str, Any]], path: Path)
         ax2.legend()
         ax2.grid(True, alpha=0.3)
         train_rows = [c["train_rows"] for c in curve]
-        for group in [*XSID_TARGETS, "massive/en-US", "massive/de-DE"]:
+        colours = plt.get_cmap("tab20").colors
+        for i, group in enumerate([*XSID_TARGETS, "massive/en-US", "massive/de-DE"]):
             ys = [c["agreement_per_group"].get(group) for c in curve]
             if all(y is not None for y in ys):
-                ax3.plot(train_rows, [100 * y for y in ys], "o-", label=group, linewidth=1)
+                ax3.plot(train_rows, [100 * y for y in ys], "o-", label=group, linewidth=1, color=colours[i])
         ax3.set_xscale("log")
         ax3.set_xlabel("training rows (log)")
         ax3.set_ylabel("agreement with the teacher, %")
