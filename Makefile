@@ -69,13 +69,6 @@ CNN_RECIPE := --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --m
 	--patience 2 --plateau-factor 0.5 --min-delta 0.002 --batch-size 256 --lr 0.0015 --sparse-embeddings
 STUDENT_RECIPE := $(CNN_RECIPE) --epochs 5 --data $(DATASET) $(TRAFFIC)
 
-# One generation of the loop (benchmarks/flywheel.py's RECIPE, with which `make loop-demo` trains
-# generation 1): the serving student warm-started, 2 epochs at half its rate on the new traffic plus
-# what it was trained on, then 1 around its table snapped to 4 bits.
-GENERATION_RECIPE := --arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 \
-	--epochs 2 --patience 2 --plateau-factor 0.5 --batch-size 256 --lr 0.00075 --sparse-embeddings \
-	--table-bits 4 --table-epochs 1
-
 # Earlier defaults, read from git: cnn-17f196dba1 (STUDENT_RECIPE from scratch, 3ef9fe3) and
 # cnn-5b1833b2fa (it warm-started around its table snapped to 4 bits, 764056e: the loop demo's
 # generation 0, which never saw the traffic after `make traffic`'s rows).
@@ -86,7 +79,7 @@ build/git-students/%/card.json:
 	for f in model.onnx tokenizer.json labels.json card.json; do \
 		git show $*:models/student/$$f > $(@D)/$$f; done
 
-student: corpus traffic traffic-rest ## Reproduce the shipped multilingual student in models/student: the CNN recipe from scratch on the development corpus and 26,000 traffic rows per language, 8 epochs, then 2 around its 4-bit table (~20 min of training on 2 cores)
+student: corpus traffic traffic-rest ## Reproduce the shipped multilingual student in models/student: the CNN recipe from scratch on the development corpus and the first 26,000 rows of each traffic file, 8 epochs, then 2 around its 4-bit table (~20 min of training on 2 cores)
 	$(BIN)/intent-worker train $(CNN_RECIPE) --epochs 8 --table-bits 4 --threads 2 \
 		--data $(TRAFFIC_REST) $(DATASET) $(TRAFFIC) --out models/student
 	rm -f models/student/fp32.onnx

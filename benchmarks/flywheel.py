@@ -72,8 +72,9 @@ DEMO_SAMPLING = {
     "INTENT_MODEL_POLL_INTERVAL_S": "1.0",
 }
 HELD_BACK = 0.05  # the trainer's validation bucket: split_bucket(id) below this is never trained on
-#: Generation 0's recipe (``make student``): two epochs at half its rate, then one around the
-#: table snapped to 4 bits; ``--init-from <gen0>`` is added.
+#: One generation of the loop: generation 0's architecture (the CNN of ``make student``), two
+#: epochs at half its rate, then one around the table snapped to 4 bits; ``--init-from <gen0>``
+#: is added.
 RECIPE = (
     "--arch cnn --embedding-dim 256 --kernels 2,3,4,5 --filters 160 --min-count 2 --epochs 2 --patience 2"
     " --plateau-factor 0.5 --batch-size 256 --lr 0.00075 --sparse-embeddings --table-bits 4 --table-epochs 1"
