@@ -57,6 +57,7 @@ def test_lever_flags_a_student_would_ignore_are_refused_before_anything_loads() 
         "pruned students keep the teacher's 4-bit rows": ("--arch", "pruned", "--table-bits", "4"),
         "no epochs around the table": ("--arch", "cnn", "--table-bits", "4", "--table-epochs", "0"),
         "pruned students start from the teacher": ("--arch", "pruned", "--init-from", "m"),
+        "pruned students keep --min-count's pieces": ("--arch", "pruned", "--keep-characters"),
         "no epochs and nothing to start from": ("--arch", "cnn", "--epochs", "0"),
     }
     for why, flags in refused.items():
@@ -65,3 +66,4 @@ def test_lever_flags_a_student_would_ignore_are_refused_before_anything_loads() 
             pytest.fail(why)
     check_levers(_train_args("--arch", "cnn", "--disagreement-student", "m", "--embedding-weight", "1"))
     check_levers(_train_args("--arch", "cnn", "--init-from", "m", "--epochs", "0", "--table-bits", "4"))
+    check_levers(_train_args("--arch", "cnn", "--keep-characters", "--table-bits", "4"))

@@ -23,7 +23,7 @@ from worker.teacher.tokenizer import build_tokenizer
 from worker.training.distil import Example, TrainConfig, TrainResult, train_student
 from worker.training.export import export_onnx, quantise_static, run_logits, verify_parity
 from worker.training.students import StudentConfig, build_student, initial_embeddings
-from worker.training.vocab import BYTE_PIECES, FIRST_PIECE_ID, count_pieces, prune
+from worker.training.vocab import BYTE_PIECES, FIRST_PIECE_ID, character_pieces, count_pieces, prune
 
 CORPUS = [
     "set an alarm for seven",
@@ -65,6 +65,19 @@ def test_pruned_ids_map_to_the_right_teacher_rows() -> None:
         init[alarm], e5.tensor("emb.word", rows=np.array([teacher.token_to_id("▁alarm")]))[0]
     )
     assert not init[0].any()  # <pad> is zero
+
+
+def test_kept_characters_cover_what_the_corpus_never_showed() -> None:
+    teacher = _teacher_tokenizer()
+    characters = character_pieces(teacher)
+    assert 10_000 < len(characters) < 20_000
+    assert all(len(teacher.id_to_token(i).removeprefix("\u2581")) == 1 for i in list(characters)[:500])
+    plain, _ = _pruned()
+    wide, vocab = prune(teacher, count_pieces(teacher, CORPUS), always_keep=characters)
+    assert any(t.startswith("<0x") for t in plain.encode("闹钟").tokens)
+    assert not any(t.startswith("<0x") for t in wide.encode("闹钟").tokens)
+    assert wide.encode(CORPUS[0]).tokens == plain.encode(CORPUS[0]).tokens  # the corpus's own pieces win
+    assert len(vocab) == FIRST_PIECE_ID + len(set(count_pieces(teacher, CORPUS)) | characters)
 
 
 def test_byte_fallback_leaves_no_unknown_token_on_any_unicode() -> None:

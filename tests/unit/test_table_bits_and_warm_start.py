@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,7 @@ def _train(
     epochs: int = 2,
     min_count: int = 1,
     texts: list[str] = TEXTS,
+    keep_characters: bool = False,
 ) -> dict[str, object]:
     data = tmp_path / f"ds-{abs(hash(tuple(texts)))}"
     request = TrainRequest(
@@ -71,6 +73,7 @@ def _train(
         datasets=(data if data.exists() else _dataset(data, texts),),
         init_from=init_from,
         min_count=min_count,
+        keep_characters=keep_characters,
         filters=8,
         kernel_sizes=(2, 3),
         embedding_dim=32,
@@ -190,3 +193,44 @@ def test_a_warm_start_from_a_student_of_other_text_is_refused(tmp_path: Path) ->
     other = ["ხვალ დილის შვიდზე მაღვიძარა", "ነገ ጠዋት በሰባት ሰዓት አስነሳኝ", "พรุ่งนี้ปลุกฉันตอนเจ็ดโมง"]
     with pytest.raises(ValueError, match="shares only"):
         _train(tmp_path, table_bits=0, init_from=tmp_path / "student-0-cold", texts=other)
+
+
+def test_kept_characters_get_rows_mapped_into_the_trained_table(tmp_path: Path) -> None:
+    card = _train(tmp_path, table_bits=4, min_count=2, keep_characters=True)
+    vocabulary = card["vocabulary"]  # type: ignore[index]
+    # Every one-character piece is kept; those the 96 training rows did not show twice are mapped.
+    assert vocabulary["size"] > 15_000 and vocabulary["rows_mapped"] > 14_000
+    student = Student(tmp_path / "student-4-cold", threads=1)
+    tokens = student._tokenizer.encode("闹钟").tokens
+    assert tokens and not any(t.startswith("<0x") for t in tokens)  # characters, not their bytes
+    assert np.isfinite(student.logits(["闹钟", *TEXTS])).all()
+
+
+def test_untrained_rows_take_the_map_from_initial_to_trained_rows() -> None:
+    import torch
+
+    from worker.training.run import map_untrained_rows
+    from worker.training.vocab import FIRST_PIECE_ID, PrunedVocab
+
+    rng = np.random.default_rng(0)
+    n, dim = FIRST_PIECE_ID + 40, 6
+    teacher_ids = np.array([-1] * FIRST_PIECE_ID + list(range(100, 140)), np.int64)
+    vocab = PrunedVocab(pieces=tuple(str(i) for i in range(n)), teacher_ids=teacher_ids)
+    counts = Counter({100 + i: 5 for i in range(30)} | {130: 1})  # 130-139 seen under twice
+    initial = rng.standard_normal((n, dim)).astype(np.float32)
+    mapping = rng.standard_normal((dim, dim)).astype(np.float32)
+    trained = initial @ mapping + 0.5  # plus a shift no linear map without offset takes exactly
+    trained[FIRST_PIECE_ID : FIRST_PIECE_ID + 30] = initial[FIRST_PIECE_ID : FIRST_PIECE_ID + 30] @ mapping
+    model = torch.nn.Module()
+    model.embedding = torch.nn.Embedding(n, dim)
+    with torch.no_grad():
+        model.embedding.weight.copy_(torch.from_numpy(trained))
+    assert map_untrained_rows(model, initial, vocab, counts, min_count=2) == 10
+    table = model.embedding.weight.detach().numpy()
+    np.testing.assert_allclose(
+        table[FIRST_PIECE_ID + 30 :], initial[FIRST_PIECE_ID + 30 :] @ mapping, atol=1e-4
+    )
+    np.testing.assert_array_equal(table[:FIRST_PIECE_ID], trained[:FIRST_PIECE_ID])  # bytes stay
+    np.testing.assert_array_equal(
+        table[FIRST_PIECE_ID : FIRST_PIECE_ID + 30], trained[FIRST_PIECE_ID : FIRST_PIECE_ID + 30]
+    )

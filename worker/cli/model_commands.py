@@ -275,6 +275,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         kernel_sizes=tuple(int(k) for k in args.kernels.split(",")),
         embedding_dim=args.embedding_dim,
         min_count=args.min_count,
+        keep_characters=args.keep_characters,
         parity_texts=tuple(parity),
         init_from=Path(args.init_from) if args.init_from else None,
         command=command_line(),

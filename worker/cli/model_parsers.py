@@ -186,6 +186,13 @@ def add_model_commands(commands: Any) -> None:
         "same architecture; a changed vocabulary keeps the rows of shared pieces), e.g. the one serving",
     )
     train.add_argument(
+        "--keep-characters",
+        action="store_true",
+        help="cnn/bag: also keep every one-character teacher piece (about 15,000: kana, hanzi, "
+        "Hangul, Thai...), so a character the training data lacks gets a row of its own, mapped "
+        "from the teacher's into the trained table, instead of its UTF-8 bytes",
+    )
+    train.add_argument(
         "--table-bits",
         type=int,
         choices=[0, 4],

@@ -30,6 +30,10 @@ def check_levers(args: argparse.Namespace) -> None:
             "--table-bits is for cnn and bag students: the pruned one keeps the teacher's own "
             "rows, which it always stores at the teacher's 4 bits"
         )
+    if args.keep_characters and args.arch == "pruned":
+        raise WorkerError(
+            "--keep-characters is for cnn and bag students: the pruned one keeps --min-count's pieces"
+        )
     if args.table_epochs < 1:
         raise WorkerError("--table-epochs must be 1 or more")
     if args.init_from is not None and args.arch == "pruned":

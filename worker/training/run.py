@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,8 +38,8 @@ from worker.training.export import export_onnx, quantise_static, verify_parity
 from worker.training.nibbles import embedding_to_4bit, gathered_table, snap_rows
 from worker.training.students import StudentConfig, build_student, initial_embeddings
 from worker.training.targets import disagreement_weights
-from worker.training.vocab import count_pieces, prune
-from worker.training.warm_start import Remap, warm_start_weights
+from worker.training.vocab import PrunedVocab, character_pieces, count_pieces, prune
+from worker.training.warm_start import Remap, map_rows, warm_start_weights
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +59,9 @@ class TrainRequest:
     embedding_dim: int = 384
     bag_hidden: int = 256
     min_count: int = 1
+    #: Also keep every one-character teacher piece (`character_pieces`); those training never
+    #: showed ``min_count`` times get their rows from `map_untrained_rows`.
+    keep_characters: bool = False
     parity_texts: tuple[str, ...] = ()
     #: A published student of the same architecture whose weights start this one (read back from
     #: its model.onnx; a changed vocabulary keeps its rows by piece: `worker.training.warm_start`);
@@ -115,7 +119,8 @@ def train_model_dir(
 
     train_source, valid_source = source("train"), source("valid")
     counts = count_pieces(teacher_tokenizer, (e.text for e in train_source()))
-    tokenizer, vocab = prune(teacher_tokenizer, counts, request.min_count)
+    characters = character_pieces(teacher_tokenizer) if request.keep_characters else set()
+    tokenizer, vocab = prune(teacher_tokenizer, counts, request.min_count, always_keep=characters)
     rows = vocab.teacher_ids[vocab.teacher_ids >= 0]
     teacher_rows = e5.tensor("emb.word", rows=rows)
     embeddings = initial_embeddings(teacher_rows, vocab.teacher_ids, config.seed)
@@ -160,6 +165,9 @@ def train_model_dir(
         checkpoint=checkpoint,
         fingerprint_extra=json.dumps(identities) if any(identities) else "",
         start_from=start,
+    )
+    mapped_rows = (
+        map_untrained_rows(result.model, embeddings, vocab, counts, request.min_count) if characters else 0
     )
     table: dict[str, Any] | None = None
     table_checkpoint = checkpoint.with_name(checkpoint.name + ".table")  # the stage around the table
@@ -257,6 +265,11 @@ def train_model_dir(
             "kept_teacher_pieces": int((vocab.teacher_ids >= 0).sum()),
             "byte_fallback": True,
             "min_count": request.min_count,
+            **(
+                {"character_pieces": "kept, seen or not", "rows_mapped": mapped_rows}
+                if request.keep_characters
+                else {}
+            ),
         },
         "data": {
             "datasets": [
@@ -300,6 +313,28 @@ def train_model_dir(
     checkpoint.unlink(missing_ok=True)
     table_checkpoint.unlink(missing_ok=True)
     return card
+
+
+def map_untrained_rows(
+    model: Any, initial: npt.NDArray[np.float32], vocab: PrunedVocab, counts: Counter[int], min_count: int
+) -> int:
+    """Give the table rows of kept pieces that training showed fewer than ``min_count`` times
+    the linear map from initial to trained rows of the pieces it did show (`map_rows`), so
+    they live where the trained rows do rather than where training started; returns how many.
+    """
+    import torch
+
+    has_row = vocab.teacher_ids >= 0
+    seen = np.array([counts.get(int(t), 0) >= min_count for t in vocab.teacher_ids]) & has_row
+    untrained = np.flatnonzero(has_row & ~seen)
+    if untrained.size:
+        weight = model.embedding.weight
+        trained = weight.detach().cpu().numpy()
+        rows = map_rows(initial[seen], trained[seen], initial[untrained])
+        with torch.no_grad():
+            weight[torch.from_numpy(untrained)] = torch.from_numpy(rows).to(weight.device)
+    log.info("untrained_rows_mapped", rows=int(untrained.size), from_rows=int(seen.sum()))
+    return int(untrained.size)
 
 
 def row_weights(

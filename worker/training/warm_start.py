@@ -122,8 +122,14 @@ def remap_table(
     table[new_ids] = old_table[old_ids]
     fresh = np.setdiff1d(np.arange(len(vocabulary)), new_ids)
     if fresh.size:
-        mapping, *_ = np.linalg.lstsq(initial_table[new_ids], old_table[old_ids], rcond=None)
-        table[fresh] = initial_table[fresh] @ mapping
+        table[fresh] = map_rows(initial_table[new_ids], old_table[old_ids], initial_table[fresh])
     pieces = [new for new in vocabulary.values() if new >= FIRST_PIECE_ID]
     shared = int(np.count_nonzero(new_ids >= FIRST_PIECE_ID))
     return table, Remap(copied=len(pairs), mapped=int(fresh.size), shared_pieces=shared / max(len(pieces), 1))
+
+
+def map_rows(known_initial: Array, known_trained: Array, initial: Array) -> Array:
+    """Trained-looking rows for ``initial`` ones: the linear map that best takes the initial rows
+    of known pieces to their trained rows (least squares), applied to the others' initial rows."""
+    mapping, *_ = np.linalg.lstsq(known_initial, known_trained, rcond=None)
+    return np.asarray(initial @ mapping, np.float32)
