@@ -126,22 +126,31 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
     from worker.loop.dataset import DatasetWriter
     from worker.loop.seeding import label_rows, rows_from_files
 
-    if args.data:
-        paths = [Path(p) for p in args.data]
+    if args.templates and (args.data or args.augment or args.lexicon or args.held_back is not None):
+        raise WorkerError(
+            "--templates labels the templates alone: no --data, --augment, --lexicon or --held-back"
+        )
+    if args.data or args.templates:
+        paths = [Path(p) for p in args.data or ()]
     else:
         shared = require_shared_data(settings.shared_data_dir)
         paths = [*massive_files(shared), shared / "tatoeba" / "tatoeba.jsonl"]
     teacher = _labelling_teacher(settings, args.device)
     writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels, label_set=teacher.label_set_id)
-    rows = list(
-        rows_from_files(
-            paths,
-            split=args.split,
-            with_translations=not args.no_translations,
-            per_file=args.per_file,
-            skip_per_file=args.skip_per_file,
+    if args.templates:
+        from worker.loop.templates import template_rows
+
+        rows = list(template_rows(args.templates))
+    else:
+        rows = list(
+            rows_from_files(
+                paths,
+                split=args.split,
+                with_translations=not args.no_translations,
+                per_file=args.per_file,
+                skip_per_file=args.skip_per_file,
+            )
         )
-    )
     if args.held_back is not None:
         from worker.loop.dataset import split_bucket
 

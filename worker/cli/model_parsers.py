@@ -67,6 +67,14 @@ def add_model_commands(commands: Any) -> None:
         "the evaluation slice of a corpus too big to label whole here",
     )
     cb.add_argument(
+        "--templates",
+        type=int,
+        default=0,
+        metavar="N",
+        help="label up to N expansions per language of our alarm and reminder templates "
+        "(worker.loop.templates), a domain the traffic lacks, instead of --data",
+    )
+    cb.add_argument(
         "--augment",
         type=int,
         default=0,
