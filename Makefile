@@ -9,6 +9,7 @@ DATASET ?= .cache/datasets/dev
 TRAFFIC ?= .cache/datasets/traffic
 TRAFFIC_REST ?= .cache/datasets/traffic-rest
 TRAFFIC_ALL ?= .cache/datasets/traffic-all
+TEMPLATES ?= .cache/datasets/templates
 ML ?= build/students-ml
 # Torch device for labelling and training: cpu, or cuda (labels all the traffic in a minute).
 DEVICE ?= cpu
@@ -59,6 +60,9 @@ traffic: setup ## Label 6,000 rows per language of ../shared/data/traffic with t
 traffic-rest: setup ## Label the next 20,000 rows of each traffic file (those `make loop-demo` replays) into $(TRAFFIC_REST) (~7 min on 2 cores)
 	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --skip-per-file 6000 \
 		--per-file 20000 --out $(TRAFFIC_REST)
+
+templates: setup ## Label our alarm and reminder templates, every expansion in the 18 languages (worker/loop/templates.py), into $(TEMPLATES) (~1 min)
+	$(BIN)/intent-worker corpus build --device $(DEVICE) --templates 1000 --out $(TEMPLATES)
 
 traffic-all: setup ## Label all 315,745 traffic rows into $(TRAFFIC_ALL) (resumable; hours on 2 cores, a minute with DEVICE=cuda)
 	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --out $(TRAFFIC_ALL)
@@ -150,4 +154,4 @@ label-set-demo: corpus ## A new label set through the loop on real services: zer
 clean: ## Remove the virtualenv and caches (not the teacher cache in ~/.cache)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus traffic traffic-all student levers cascade bench-multilingual bench-embedding-bits bench-cascade students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean
+.PHONY: help setup run test lint typecheck teacher teacher-build teacher-eval corpus traffic traffic-all templates student levers cascade bench-multilingual bench-embedding-bits bench-cascade students bench bench-pruned bench-worker bench-faults loop-demo bench-zero-shot label-set-demo clean
