@@ -57,10 +57,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, default=Path("build/students"))
     parser.add_argument("--shipped", type=Path, default=Path("models/student"))
-    parser.add_argument("--render-only", action="store_true", help="redraw md/png from students.json")
+    parser.add_argument("--render-only", action="store_true", help="redraw md/png from the saved json")
+    parser.add_argument("--out", default="students", help="result name: <out>.json, .md and .png")
     args = parser.parse_args()
     if args.render_only:
-        render(json.loads((RESULTS / "students.json").read_text()))
+        render(json.loads((RESULTS / f"{args.out}.json").read_text()), args.out)
         return
     settings = Settings()
     shared = require_shared_data(settings.shared_data_dir)
@@ -176,13 +177,13 @@ def main() -> None:
         "per_locale": per_locale,
         "note": "speed: onnxruntime at 1 thread, tokenisation included, measured side by side in this run",
     }
-    path = write_result("students", result)
-    render(result)
+    path = write_result(args.out, result)
+    render(result, args.out)
     print(f"wrote {path}")
 
 
-def render(result: dict[str, object]) -> None:
-    """students.md and students.png from a result (also from a saved students.json)."""
+def render(result: dict[str, object], name: str = "students") -> None:
+    """<name>.md and <name>.png from a result (also from a saved <name>.json)."""
     rows: list[dict[str, object]] = result["rows"]  # type: ignore[assignment]
     curve: list[dict[str, Any]] = result["volume_curve"]  # type: ignore[assignment]
     lines = [
@@ -210,8 +211,8 @@ def render(result: dict[str, object]) -> None:
             f"| {c['share']:.0%} | {c['train_rows']} | {100 * c['agreement']:.1f} | {100 * c['pr_bep_gap']:+.2f} "
             f"| {100 * c['pr_auc_gap']:+.2f} | {c['kl']:.4f} |"
         )
-    (RESULTS / "students.md").write_text("\n".join(lines) + "\n")
-    plot(rows, curve, RESULTS / "students.png")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, curve, RESULTS / f"{name}.png")
     print("\n".join(lines))
 
 
