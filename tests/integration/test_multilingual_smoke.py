@@ -40,15 +40,17 @@ def _agreement(teacher: OnnxTeacher, student: Path) -> tuple[float, dict[str, st
 def test_the_shipped_student_keeps_its_measured_agreement_on_clear_requests_in_every_language(
     embedded_teacher: OnnxTeacher, student: Path
 ) -> None:
-    # 78% (127/162) for cnn-79ce0ab44f (125 for cnn-5b1833b2fa, 124 for cnn-17f196dba1 before
-    # them), up from 62% for the English-centred cnn-19ba3b4c6c: a regression guard while the
-    # target below is not met.
+    # 83% (135/162) for cnn-39ada50ce1, trained with our alarm and reminder templates, whose
+    # phrasing is close to this fixture's alarm rows, so part of the gain is not independent;
+    # 78% (127/162) for cnn-79ce0ab44f before it (125 for cnn-5b1833b2fa, 124 for cnn-17f196dba1),
+    # 62% for the English-centred cnn-19ba3b4c6c: a regression guard while the target below is
+    # not met.
     agreement, report = _agreement(embedded_teacher, student)
-    assert agreement >= 0.75, f"agreement {agreement:.1%} per language: {report}"
+    assert agreement >= 0.80, f"agreement {agreement:.1%} per language: {report}"
 
 
 @pytest.mark.xfail(
-    reason="issue 12 target not met yet: the shipped student agrees with the teacher on 78% of the fixture",
+    reason="issue 12 target not met yet: the shipped student agrees with the teacher on 83% of the fixture",
     strict=True,
 )
 def test_the_shipped_student_agrees_with_the_teacher_on_90_percent_of_clear_requests(
