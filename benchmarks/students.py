@@ -28,7 +28,7 @@ from worker.data.corpora import (
 )
 from worker.data.report import to_json
 from worker.loop.dataset import split_bucket
-from worker.models.student import Student
+from worker.models.student import Student, chunked_logits
 from worker.teacher import E5_PREFIX, OnnxSequenceModel, OnnxTeacher, load_embedded_teacher
 from worker.teacher.build import ensure_encoder
 from worker.teacher.e5format import default_weights_path
@@ -138,7 +138,7 @@ def main() -> None:
         for variant, filename in variants:
             student = Student(directory, threads=1, model_file=filename)
             print(f"{directory.name} {variant} ...", flush=True)
-            logits = student.logits(texts)
+            logits = chunked_logits(texts, student, 256)
             report = evaluation.compare(labels, teacher_logits, logits, gold, groups)
             overall = report["overall"]
             speed = speed_of(student.logits, speed_texts)
@@ -161,7 +161,7 @@ def main() -> None:
                     "speedup_batch": round(
                         speed["batch256_utt_per_s"] / teacher_speed["batch256_utt_per_s"], 1
                     ),
-                    "tatoeba_consistency": consistency(student.logits(pair_texts).argmax(1)),
+                    "tatoeba_consistency": consistency(chunked_logits(pair_texts, student, 256).argmax(1)),
                     "int8_parity": card["int8"]["parity"] if variant == "int8" else None,
                 }
             )
