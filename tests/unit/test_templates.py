@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,12 @@ def test_corpus_build_labels_the_templates_alone() -> None:
     args = argparse.Namespace(templates=10, data=["x.jsonl"], augment=0, lexicon=0, held_back=None)
     with pytest.raises(WorkerError, match="--templates"):
         corpus_build(Settings(), args)
+
+
+def test_corpus_build_labels_a_sample_of_every_language(tmp_path: Path) -> None:
+    from worker.cli import main
+    from worker.loop.dataset import read_manifest
+
+    assert main(["corpus", "build", "--templates", "2", "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    manifest = read_manifest(tmp_path / "t")
+    assert sum(shard["rows"] for shard in manifest["shards"]) == 2 * len(TEMPLATES)

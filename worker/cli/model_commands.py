@@ -126,22 +126,20 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
     from worker.loop.dataset import DatasetWriter
     from worker.loop.seeding import label_rows, rows_from_files
 
-    if args.templates and (args.data or args.augment or args.lexicon or args.held_back is not None):
-        raise WorkerError(
-            "--templates labels the templates alone: no --data, --augment, --lexicon or --held-back"
-        )
-    if args.data or args.templates:
-        paths = [Path(p) for p in args.data or ()]
-    else:
-        shared = require_shared_data(settings.shared_data_dir)
-        paths = [*massive_files(shared), shared / "tatoeba" / "tatoeba.jsonl"]
-    teacher = _labelling_teacher(settings, args.device)
-    writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels, label_set=teacher.label_set_id)
     if args.templates:
+        if args.data or args.augment or args.lexicon or args.held_back is not None:
+            raise WorkerError(
+                "--templates labels the templates alone: no --data, --augment, --lexicon or --held-back"
+            )
         from worker.loop.templates import template_rows
 
         rows = list(template_rows(args.templates))
     else:
+        if args.data:
+            paths = [Path(p) for p in args.data]
+        else:
+            shared = require_shared_data(settings.shared_data_dir)
+            paths = [*massive_files(shared), shared / "tatoeba" / "tatoeba.jsonl"]
         rows = list(
             rows_from_files(
                 paths,
@@ -151,6 +149,8 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
                 skip_per_file=args.skip_per_file,
             )
         )
+    teacher = _labelling_teacher(settings, args.device)
+    writer = DatasetWriter(Path(args.out), teacher.identity, teacher.labels, label_set=teacher.label_set_id)
     if args.held_back is not None:
         from worker.loop.dataset import split_bucket
 
