@@ -61,8 +61,8 @@ traffic-rest: setup ## Label the next 20,000 rows of each traffic file (those `m
 	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --skip-per-file 6000 \
 		--per-file 20000 --out $(TRAFFIC_REST)
 
-templates: setup ## Label our alarm and reminder templates, every expansion in the 18 languages (worker/loop/templates.py), into $(TEMPLATES) (~1 min)
-	$(BIN)/intent-worker corpus build --device $(DEVICE) --templates 1000 --out $(TEMPLATES)
+templates: setup ## Label our seed templates (worker/loop/templates.py: alarms and reminders, music, restaurants, weather, films, books), up to 300 expansions per domain in each of the 18 languages, into $(TEMPLATES) (~2 min)
+	$(BIN)/intent-worker corpus build --device $(DEVICE) --templates 300 --out $(TEMPLATES)
 
 traffic-all: setup ## Label all 315,745 traffic rows into $(TRAFFIC_ALL) (resumable; hours on 2 cores, a minute with DEVICE=cuda)
 	$(BIN)/intent-worker corpus build --device $(DEVICE) --data $(SHARED_DATA)/traffic/*.jsonl --out $(TRAFFIC_ALL)

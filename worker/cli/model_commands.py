@@ -126,6 +126,8 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
     from worker.loop.dataset import DatasetWriter
     from worker.loop.seeding import label_rows, rows_from_files
 
+    if args.template_domains and not args.templates:
+        raise WorkerError("--template-domains chooses among the templates: give --templates N too")
     if args.templates:
         if args.data or args.augment or args.lexicon or args.held_back is not None:
             raise WorkerError(
@@ -133,7 +135,10 @@ def corpus_build(settings: Settings, args: argparse.Namespace) -> int:
             )
         from worker.loop.templates import template_rows
 
-        rows = list(template_rows(args.templates))
+        try:
+            rows = list(template_rows(args.templates, domains=args.template_domains))
+        except ValueError as error:
+            raise WorkerError(str(error)) from error
     else:
         if args.data:
             paths = [Path(p) for p in args.data]

@@ -71,8 +71,16 @@ def add_model_commands(commands: Any) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="label up to N expansions per language of our alarm and reminder templates "
-        "(worker.loop.templates), a domain the traffic lacks, instead of --data",
+        help="label up to N expansions per language and domain of our seed templates "
+        "(worker.loop.templates: alarms and reminders, music, restaurants, weather, films, books; "
+        "domains the traffic lacks), instead of --data",
+    )
+    cb.add_argument(
+        "--template-domains",
+        nargs="+",
+        default=[],
+        metavar="DOMAIN",
+        help="with --templates: only these domains (default: all)",
     )
     cb.add_argument(
         "--augment",

@@ -1,4 +1,4 @@
-"""Seed templates: alarm and reminder requests in the 18 served languages, for the teacher to label.
+"""Seed templates: requests from domains the traffic lacks, in the 18 served languages, for the teacher.
 
 The sampled traffic holds almost no alarms or reminders outside ar and nl (no row in ja, de,
 tr or zh; a handful in en, id and it: ``benchmarks/xsid_gap.py``), although they are among the
@@ -10,6 +10,10 @@ They are written by us, for this purpose; none is taken from a data set. They ca
 the teacher labels each expansion like any other text, so the label set stays the teacher's.
 Each language has patterns with ``{time}``, ``{day}`` and ``{thing}`` slots and the values to fill
 them; `template_rows` expands them (every combination, then a seeded sample).
+
+The traffic's only music, restaurant, weather, film and book requests are its English Snips rows, so
+``worker.loop.template_domains`` seeds those five domains the same way in every language. `DOMAINS`
+holds them all, by name, the alarms first.
 """
 
 from __future__ import annotations
@@ -17,13 +21,12 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from worker.loop.seeding import SourceRow
+from worker.loop.template_domains import OTHER_DOMAINS, Language
 
-Language = dict[str, tuple[str, ...]]
-
-TEMPLATES: dict[str, Language] = {
+ALARMS: dict[str, Language] = {
     "en": {
         "patterns": (
             "set an alarm for {time} {day}",
@@ -464,12 +467,14 @@ TEMPLATES: dict[str, Language] = {
     },
 }
 
+DOMAINS: dict[str, dict[str, Language]] = {"alarms": ALARMS, **OTHER_DOMAINS}
+
 _SLOT = re.compile(r"\{(\w+)\}")
 
 
-def expansions(language: str) -> list[str]:
-    """Every text the language's patterns make, each slot filled every way, in a fixed order."""
-    spec = TEMPLATES[language]
+def expansions(language: str, domain: str = "alarms") -> list[str]:
+    """Every text the patterns of a domain make in a language, each slot filled every way, in order."""
+    spec = DOMAINS[domain][language]
     texts: list[str] = []
     for pattern in spec["patterns"]:
         slots = _SLOT.findall(pattern)
@@ -478,12 +483,25 @@ def expansions(language: str) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
-def template_rows(per_language: int, seed: int = 0) -> Iterator[SourceRow]:
-    """At most ``per_language`` expansions of each language (a seeded sample when it has more)."""
+def template_rows(per_language: int, seed: int = 0, domains: Sequence[str] = ()) -> Iterator[SourceRow]:
+    """At most ``per_language`` expansions of each domain in each language (a seeded sample when it has
+    more), for the named ``domains`` (all when empty).
+
+    Ids are ``template-<language>-<n>`` for the alarms (as before the other domains came) and
+    ``template-<language>-<domain>-<n>`` for the rest, so adding a domain moves no alarm row between
+    the trainer's training and validation buckets.
+    """
+    unknown = set(domains) - set(DOMAINS)
+    if unknown:
+        raise ValueError(f"unknown template domains {sorted(unknown)}; known: {list(DOMAINS)}")
     rng = random.Random(seed)
-    for language in sorted(TEMPLATES):
-        texts = expansions(language)
-        if len(texts) > per_language:
-            texts = rng.sample(texts, per_language)
-        for n, text in enumerate(texts):
-            yield SourceRow(f"template-{language}-{n}", text, language, "templates")
+    for language in sorted(ALARMS):
+        for domain in DOMAINS:
+            if domains and domain not in domains:
+                continue
+            texts = expansions(language, domain)
+            if len(texts) > per_language:
+                texts = rng.sample(texts, per_language)
+            prefix = f"template-{language}" if domain == "alarms" else f"template-{language}-{domain}"
+            for n, text in enumerate(texts):
+                yield SourceRow(f"{prefix}-{n}", text, language, "templates")
