@@ -80,6 +80,25 @@ def test_kept_characters_cover_what_the_corpus_never_showed() -> None:
     assert len(vocab) == FIRST_PIECE_ID + len(set(count_pieces(teacher, CORPUS)) | characters)
 
 
+@pytest.mark.parametrize(
+    ("spaced", "written"),
+    [
+        ("明日 の 天気 を 教え て", "明日の天気を教えて"),  # segmented word by word upstream
+        ("午後 5 時 に アラーム", "午後5時にアラーム"),  # a digit beside a kanji joins too
+        ("明日 の 天気 を 教えて 。", "明日の天気を教えて。"),
+    ],
+)
+def test_spaces_inside_japanese_and_chinese_do_not_change_the_pieces(spaced: str, written: str) -> None:
+    tokenizer, _ = _pruned()
+    assert tokenizer.encode(spaced).tokens == tokenizer.encode(written).tokens
+
+
+def test_spaces_stay_in_korean_latin_and_thai_text() -> None:
+    tokenizer, _ = _pruned()
+    for text in ("알람 맞춰 줘", "set an alarm for seven", "ตั้ง นาฬิกา ปลุก", "给 Dan 打电话"):
+        assert tokenizer.normalizer.normalize_str(text).count(" ") == text.count(" "), text  # type: ignore[union-attr]
+
+
 def test_byte_fallback_leaves_no_unknown_token_on_any_unicode() -> None:
     tokenizer, _ = _pruned()
     unk = tokenizer.token_to_id("<unk>")

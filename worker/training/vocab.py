@@ -1,8 +1,11 @@
 """Vocabulary pruning: keep the teacher's pieces seen in a corpus, add byte fallback.
 
 The student tokenizer is the teacher's Unigram tokenizer restricted to the kept pieces,
-with the same normaliser and pre-tokeniser, no prefix and no special tokens around the
-text. The 256 byte pieces ``<0x00>``..``<0xFF>`` make byte fallback total: a character no
+with the same pre-tokeniser, no prefix and no special tokens around the text. Its normaliser
+is the teacher's, then `join_cjk_spaces`: Japanese and Chinese are written without spaces, and
+a space between two of their characters (text segmented word by word upstream, as some speech
+recognisers and data sets do) would otherwise give word-start pieces the training text never
+shows. The 256 byte pieces ``<0x00>``..``<0xFF>`` make byte fallback total: a character no
 kept piece covers becomes its UTF-8 bytes, so no input is ever unknown.
 
 Student id layout: 0 ``<pad>``, 1 ``<unk>``, 2..257 bytes, then the kept pieces.
@@ -20,12 +23,33 @@ from itertools import islice
 
 import numpy as np
 import numpy.typing as npt
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, normalizers
 from tokenizers.models import Unigram
 
 PAD, UNK = "<pad>", "<unk>"
 BYTE_PIECES = tuple(f"<0x{b:02X}>" for b in range(256))
 FIRST_PIECE_ID = 2 + len(BYTE_PIECES)
+
+#: Kana, CJK ideographs and CJK punctuation: the scripts written without spaces between words.
+#: (Hangul and Thai are not: Korean spaces its words, Thai its phrases.)
+_CJK = "".join(
+    f"{chr(low)}-{chr(high)}"
+    for low, high in (
+        (0x3000, 0x30FF),
+        (0x31F0, 0x31FF),
+        (0x3400, 0x4DBF),
+        (0x4E00, 0x9FFF),
+        (0xF900, 0xFAFF),
+    )
+)
+#: Spaces with a CJK character on one side and a CJK character or a digit on the other
+#: ("午後 5 時 に" → "午後5時に"); spaces next to Latin words stay.
+_CJK_SPACES = rf"(?<=[{_CJK}])\s+(?=[{_CJK}0-9])|(?<=[{_CJK}0-9])\s+(?=[{_CJK}])"
+
+
+def join_cjk_spaces() -> normalizers.Normalizer:
+    """The normaliser step that deletes spaces inside Japanese and Chinese text (`_CJK_SPACES`)."""
+    return normalizers.Replace(Regex(_CJK_SPACES), "")
 
 
 @dataclass(frozen=True)
@@ -81,7 +105,8 @@ def prune(
     vocab += [(piece, lowest - 20.0) for piece in BYTE_PIECES]
     vocab += [(str(teacher_vocab[i][0]), float(str(teacher_vocab[i][1]))) for i in kept]
     tokenizer = Tokenizer(Unigram(vocab, unk_id=1, byte_fallback=True))
-    tokenizer.normalizer = teacher_tokenizer.normalizer
+    steps = [step for step in (teacher_tokenizer.normalizer, join_cjk_spaces()) if step is not None]
+    tokenizer.normalizer = normalizers.Sequence(steps)
     tokenizer.pre_tokenizer = teacher_tokenizer.pre_tokenizer
     tokenizer.decoder = teacher_tokenizer.decoder
     teacher_ids = np.array([-1] * FIRST_PIECE_ID + kept, dtype=np.int64)
